@@ -1,0 +1,45 @@
+"""Pure-PyTorch attention of each token over the cache entries it may see: the truth for the Triton kernel.
+
+In HAM's sequence form the candidate entries of env b are the cache carried in from before the segment
+followed by the segment's own tokens; ``visible[b, t, s]`` says whether entry s is in env b's cache at step t
+(same episode, routed, not evicted, written at or before t). A token that sees nothing gets 0, never NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kernels.gated_delta_rule.reference import accumulation_dtype
+
+__all__ = ["masked_cache_attention"]
+
+
+def masked_cache_attention(
+    q: Tensor, keys: Tensor, values: Tensor, visible: Tensor, scale: float | Tensor | None = None
+) -> Tensor:
+    """Softmax attention restricted by a visibility mask.
+
+    Args:
+        q: ``[B, T, H, K]`` queries.
+        keys: ``[B, S, H, K]`` candidate keys.
+        values: ``[B, S, H, V]`` candidate values.
+        visible: ``[B, T, S]`` bool, shared by all heads.
+        scale: logit scale, a float or a per-head ``[H]`` tensor; ``K ** -0.5`` if None.
+
+    Returns:
+        ``o [B, T, H, V]`` in ``q.dtype`` (computed in float32, or float64); rows with nothing visible are 0.
+    """
+    acc = accumulation_dtype(q.dtype)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if isinstance(scale, Tensor):
+        scale = scale.to(acc)[:, None, None]  # [H] -> [H, 1, 1], broadcast over [B, H, T, S]
+    logits = torch.einsum("bthk,bshk->bhts", q.to(acc), keys.to(acc)) * scale  # [B, H, T, S]
+    mask = visible[:, None]  # [B, 1, T, S]
+    logits = logits.masked_fill(~mask, float("-inf"))
+    # A row with nothing visible would be all -inf; give it a finite max so softmax yields zeros, not NaN.
+    row_max = logits.amax(-1, keepdim=True).clamp_min(-1e30).detach()
+    weights = (logits - row_max).exp() * mask
+    denom = weights.sum(-1, keepdim=True)
+    weights = weights / denom.clamp_min(1e-30)
+    return torch.einsum("bhts,bshv->bthv", weights, values.to(acc)).to(q.dtype)

@@ -1,0 +1,130 @@
+"""Pure-PyTorch HAM rollout step for B envs at once: the truth for the fused Triton step kernel.
+
+One call does, per env: reset on a start flag, decay, prediction v_hat, surprise, delta-rule write, RNN
+readout, routing decision, write into that env's cache (append, or evict the lowest-score entry when a
+capacity is set), attention over that env's cache, and the two gates.
+
+The cache tensors are updated in place (an append writes past the old length, so a state held from before
+the step still reads the same entries; an eviction or a reset overwrites them). Keep ``state.clone()`` if you
+need an old state intact. The caller reserves at least ``min(length.max() + 1, capacity + 1)`` slots: slot
+``length`` doubles as a scratch slot, so envs that store nothing write there and no branch per env is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels.gated_delta_rule.reference import accumulation_dtype, gated_delta_rule_step
+
+__all__ = ["ham_step", "surprise_score", "choose_slot"]
+
+
+def surprise_score(v_hat: Tensor, v: Tensor) -> Tensor:
+    """Router score ``min_h (1 - cos(v_hat_h, v_h))``: ``[..., H, V] -> [...]``; a zero prediction gives 1."""
+    acc = accumulation_dtype(v.dtype)
+    return (1.0 - F.cosine_similarity(v_hat.to(acc), v.to(acc), dim=-1, eps=1e-8)).amin(-1)
+
+
+def choose_slot(
+    scores: Tensor, times: Tensor, length: Tensor, score: Tensor, routed: Tensor, capacity: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Where each env writes its new entry.
+
+    Returns ``(slot [B] long, stored [B] bool, new_length [B] long)``. Below capacity (or unbounded,
+    ``capacity == 0``) a routed entry is appended. At capacity it replaces the entry with the lowest score
+    (ties: the oldest), unless its own score is lower than all of them. Envs that store nothing get the
+    scratch slot ``length``.
+    """
+    if capacity <= 0:
+        return length, routed, length + routed.long()
+    slots = scores.shape[1]
+    full = length >= capacity
+    valid = torch.arange(slots, device=length.device) < length[:, None]
+    masked = scores.masked_fill(~valid, float("inf"))
+    min_score = masked.amin(1)
+    # Among the entries with the lowest score, the one written first (smallest time) goes.
+    tie_times = times.masked_fill(~(valid & (masked == min_score[:, None])), torch.iinfo(torch.long).max)
+    victim = tie_times.argmin(1)
+    stored = routed & (~full | (score >= min_score))
+    slot = torch.where(stored & full, victim, length)
+    return slot, stored, length + (stored & ~full).long()
+
+
+def ham_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    g: Tensor,
+    gate_rnn: Tensor,
+    gate_attn: Tensor,
+    rnn_state: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    scores: Tensor,
+    times: Tensor,
+    length: Tensor,
+    start: Tensor,
+    episode_step: Tensor,
+    threshold: float,
+    capacity: int = 0,
+    router_score: Tensor | None = None,
+    use_rnn: bool = True,
+    use_attention: bool = True,
+    scale: float | Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One HAM step for a batch of envs.
+
+    Args:
+        q, k: ``[B, H, K]`` L2-normalised queries and keys; v ``[B, H, V]``.
+        beta, g: ``[B, H]`` write strength and log decay; gate_rnn, gate_attn ``[B, H]`` gate values in (0, 1).
+        rnn_state: ``[B, H, K, V]`` delta-rule state before the step (float32).
+        keys, values, scores, times: the cache ``[B, L, H, K]``, ``[B, L, H, V]``, ``[B, L]``, ``[B, L]``;
+            written in place.
+        length: ``[B]`` long entries per env before the step.
+        start: ``[B]`` bool, the env begins a new episode at this step (state zeroed, cache emptied first).
+        episode_step: ``[B]`` long step of this token within its episode (stored for eviction ties).
+        threshold: tau; a token is routed to the cache iff its score >= tau.
+        capacity: most entries per env, 0 for unbounded.
+        router_score: ``[B]`` score from a learned router (or a constant for window memories); None uses surprise.
+        use_rnn, use_attention: switch either path off (gdn: no attention; attention/window: no RNN).
+        scale: attention logit scale, a float or a per-head ``[H]`` tensor; ``K ** -0.5`` if None.
+
+    Returns:
+        ``(o [B, H, V], new_rnn_state [B, H, K, V], new_length [B], score [B], routed [B] bool)``; ``o`` is the
+        gated sum before the output norm.
+    """
+    B, H, K = q.shape
+    acc = accumulation_dtype(q.dtype)
+    keep = ~start
+    length = length * keep
+    o = q.new_zeros(B, H, v.shape[-1], dtype=acc)
+    score = q.new_ones(B, dtype=acc)
+    if use_rnn:
+        rnn_state = rnn_state * keep[:, None, None, None]
+        o_rnn, v_hat, rnn_state = gated_delta_rule_step(*(t.to(acc) for t in (q, k, v, beta, g, rnn_state)))
+        score = surprise_score(v_hat, v)
+        o = o + gate_rnn[..., None].to(acc) * o_rnn
+    if router_score is not None:
+        score = router_score.to(acc)
+    routed = score >= threshold
+    if use_attention:
+        slot, stored, length = choose_slot(scores, times, length, score, routed, capacity)
+        rows = torch.arange(B, device=q.device)
+        keys[rows, slot] = torch.where(stored[:, None, None], k.to(keys.dtype), keys[rows, slot])
+        values[rows, slot] = torch.where(stored[:, None, None], v.to(values.dtype), values[rows, slot])
+        scores[rows, slot] = torch.where(stored, score.to(scores.dtype), scores[rows, slot])
+        times[rows, slot] = torch.where(stored, episode_step, times[rows, slot])
+        valid = torch.arange(keys.shape[1], device=q.device) < length[:, None]  # [B, L]
+        scale = K**-0.5 if scale is None else scale
+        if isinstance(scale, Tensor):
+            scale = scale.to(acc)[:, None]  # [H] -> [H, 1], broadcast over [B, H, L]
+        logits = torch.einsum("bhk,blhk->bhl", q.to(acc), keys.to(acc)) * scale
+        logits = logits.masked_fill(~valid[:, None], float("-inf"))
+        weights = (logits - logits.amax(-1, keepdim=True).clamp_min(-1e30)).exp() * valid[:, None]
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)
+        o_kv = torch.einsum("bhl,blhv->bhv", weights, values.to(acc))
+        o = o + gate_attn[..., None].to(acc) * o_kv
+    return o, rnn_state, length, score, routed
