@@ -1,0 +1,8 @@
+"""The memory family: HAM and its baselines, all on one interface (see ``base.Memory``)."""
+
+from ham_rl.memory.base import Memory
+from ham_rl.memory.baselines import GRUMemory, LSTMMemory, MLPMemory
+from ham_rl.memory.hybrid import ROUTERS, HybridMemory
+from ham_rl.memory.registry import MEMORIES, make_memory, memory_options
+
+__all__ = ["Memory", "HybridMemory", "GRUMemory", "LSTMMemory", "MLPMemory", "MEMORIES", "ROUTERS", "make_memory", "memory_options"]

@@ -1,0 +1,149 @@
+"""The one memory interface every memory of the family shares (HAM and baselines alike).
+
+A memory maps a stream of per-env inputs to per-env outputs while carrying a :class:`MemoryState`::
+
+    state = mem.initial_state(batch_size)
+    y, state = mem(x, state, starts)       # sequence form: x [B, T, I], starts bool [B, T] -> y [B, T, D]
+    y, state = mem.step(x, state, start)   # step form:     x [B, I],    start bool [B]     -> y [B, D]
+
+``starts[b, t]`` means env b begins a new episode at step t: nothing from before t may influence the output
+at t or later. The two forms agree to round-off. The base class checks inputs, tracks each env's step within
+its episode, and adds the optional time-in-episode feature; subclasses implement ``_sequence`` and ``_step``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ham_rl.state import MemoryState
+
+__all__ = ["Memory", "TimeEmbedding", "episode_steps"]
+
+
+def episode_steps(episode_len: Tensor, starts: Tensor) -> Tensor:
+    """Step of each token within its episode: ``episode_len [B]``, ``starts [B, T]`` -> ``[B, T]`` long."""
+    T = starts.shape[1]
+    idx = torch.arange(T, device=starts.device).expand_as(starts)
+    last_start = torch.where(starts, idx, torch.full_like(idx, -1)).cummax(1).values
+    return torch.where(last_start >= 0, idx - last_start, episode_len[:, None] + idx)
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal features of the step within the episode, projected to the memory's input size."""
+
+    def __init__(self, input_size: int, num_frequencies: int = 16, max_period: float = 4096.0):
+        super().__init__()
+        freqs = torch.exp(-math.log(max_period) * torch.arange(num_frequencies) / num_frequencies)
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.proj = nn.Linear(2 * num_frequencies, input_size)
+
+    def forward(self, steps: Tensor) -> Tensor:
+        """``steps [...]`` long -> ``[..., input_size]``."""
+        angles = steps.to(self.freqs.dtype)[..., None] * self.freqs
+        return self.proj(torch.cat([angles.sin(), angles.cos()], -1))
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+    return value
+
+
+class Memory(nn.Module):
+    """Base class: input checks, episode-step bookkeeping and the time feature.
+
+    :param input_size: features per step of the input ``x``
+    :param hidden_size: features per step of the output ``y``
+    :param time_feature: add a sinusoidal embedding of the step within the episode to the input
+    """
+
+    #: True for memories that keep a KV cache (their state has ``cache``)
+    has_cache: bool = False
+
+    def __init__(self, input_size: int, hidden_size: int, time_feature: bool = False):
+        super().__init__()
+        self.input_size = _check_positive_int("input_size", input_size)
+        self.hidden_size = _check_positive_int("hidden_size", hidden_size)
+        self.time_embedding = TimeEmbedding(input_size) if time_feature else None
+
+    # -- what subclasses implement -------------------------------------------------------------------------
+    def _initial_rnn(self, batch_size: int, device: torch.device | str | None) -> tuple[Tensor, ...]:
+        return ()
+
+    def _initial_cache(self, batch_size: int, device: torch.device | str | None):
+        return None
+
+    def _sequence(self, x: Tensor, state: MemoryState, starts: Tensor, steps: Tensor) -> tuple[Tensor, MemoryState]:
+        raise NotImplementedError
+
+    def _step(self, x: Tensor, state: MemoryState, start: Tensor, steps: Tensor) -> tuple[Tensor, MemoryState]:
+        raise NotImplementedError
+
+    # -- threshold interface (memories with a router override) ---------------------------------------------
+    @property
+    def threshold(self) -> float | None:
+        """The router threshold tau, or None for memories without a router."""
+        return None
+
+    def set_threshold(self, tau: float) -> None:
+        """Set tau (deployment-time trade of return for memory); only memories with a router have one."""
+        raise ValueError(f"{type(self).__name__} has no router, so it has no threshold to set (got {tau!r})")
+
+    def end_update(self) -> dict[str, float | None]:
+        """Call once after each PPO update: applies any threshold feedback and returns routing stats."""
+        return {"kv_fraction": None, "threshold": None}
+
+    # -- the public interface ------------------------------------------------------------------------------
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> MemoryState:
+        """The state of ``batch_size`` envs that have seen nothing."""
+        _check_positive_int("batch_size", batch_size)
+        if device is None:
+            device = next((p.device for p in self.parameters()), torch.device("cpu"))
+        return MemoryState(
+            rnn=self._initial_rnn(batch_size, device),
+            cache=self._initial_cache(batch_size, device),
+            episode_len=torch.zeros(batch_size, dtype=torch.long, device=device),
+        )
+
+    def forward(self, x: Tensor, state: MemoryState, starts: Tensor) -> tuple[Tensor, MemoryState]:
+        """Sequence form: ``x [B, T, input_size]``, ``starts [B, T]`` bool -> ``(y [B, T, hidden_size], state)``."""
+        self._check(x, state, starts, sequence=True)
+        steps = episode_steps(state.episode_len, starts)
+        if self.time_embedding is not None:
+            x = x + self.time_embedding(steps).to(x.dtype)
+        y, new_state = self._sequence(x, state, starts, steps)
+        new_state.episode_len = steps[:, -1] + 1
+        return y, new_state
+
+    def step(self, x: Tensor, state: MemoryState, start: Tensor) -> tuple[Tensor, MemoryState]:
+        """Step form: ``x [B, input_size]``, ``start [B]`` bool -> ``(y [B, hidden_size], state)``.
+
+        Memories with a KV cache write the new entry into the cache tensors of ``state`` in place (copying a
+        growing cache every step would cost more than the step itself); keep ``state.clone()`` to hold on to
+        the state from before the step.
+        """
+        self._check(x, state, start, sequence=False)
+        steps = torch.where(start, torch.zeros_like(state.episode_len), state.episode_len)
+        if self.time_embedding is not None:
+            x = x + self.time_embedding(steps).to(x.dtype)
+        y, new_state = self._step(x, state, start, steps)
+        new_state.episode_len = steps + 1
+        return y, new_state
+
+    def _check(self, x: Tensor, state: MemoryState, starts: Tensor, sequence: bool) -> None:
+        name, dims = ("starts", "[B, T]") if sequence else ("start", "[B]")
+        x_dims = "[B, T, input_size]" if sequence else "[B, input_size]"
+        if not isinstance(x, Tensor) or x.dim() != (3 if sequence else 2) or x.shape[-1] != self.input_size:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"`x` must have shape {x_dims} with input_size={self.input_size}, got {got}")
+        if not isinstance(starts, Tensor) or starts.dtype != torch.bool:
+            got = starts.dtype if isinstance(starts, Tensor) else type(starts).__name__
+            raise ValueError(f"`{name}` must be a bool tensor of shape {dims}, got dtype {got}; pass `{name}.bool()`")
+        if tuple(starts.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"`{name}` must have shape {dims} = {tuple(x.shape[:-1])} to match x, got {tuple(starts.shape)}")
+        if not isinstance(state, MemoryState) or state.batch_size != x.shape[0]:
+            got = state.batch_size if isinstance(state, MemoryState) else type(state).__name__
+            raise ValueError(f"`state` must be a MemoryState for B={x.shape[0]} envs, got {got}")

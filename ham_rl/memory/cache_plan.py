@@ -1,0 +1,86 @@
+"""Which cache entries each token of a segment sees, and what the cache holds at the end (sequence form).
+
+The candidates of env b are its carried-in cache slots ``[0, L0)`` followed by the segment's T tokens
+(candidate ``L0 + t`` is token t). Routing decisions carry no gradient, so the plan is computed once, without
+autograd, and the attention then reads all candidates under the ``visible`` mask. Without a capacity the plan
+has a closed form; with one, the append/evict rule of the step form (``kernels.ham_step.choose_slot``) is
+replayed over time on integer slot maps, so both forms keep identical slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ham_rl.state import KVCache
+from kernels.ham_step import choose_slot
+
+__all__ = ["CachePlan", "plan_cache"]
+
+
+@dataclass
+class CachePlan:
+    """What routing decided for one segment.
+
+    :param visible: ``[B, T, L0 + T]`` bool, candidate s is in env b's cache after step t
+    :param final_source: ``[B, Lf]`` long, the candidate each final cache slot holds (valid below final_length)
+    :param final_length: ``[B]`` long, entries in each env's cache at the end of the segment
+    """
+
+    visible: Tensor
+    final_source: Tensor
+    final_length: Tensor
+
+
+@torch.no_grad()
+def plan_cache(cache: KVCache, starts: Tensor, steps: Tensor, score: Tensor, routed: Tensor, capacity: int) -> CachePlan:
+    """Replay routing for a segment; ``starts``, ``steps``, ``score``, ``routed`` are ``[B, T]``; capacity 0 = unbounded."""
+    if capacity > 0:
+        return _plan_with_capacity(cache, starts, steps, score, routed, capacity)
+    T = starts.shape[1]
+    episode = starts.long().cumsum(1)  # [B, T]; 0 = the episode carried in from before the segment
+    t_idx = torch.arange(T, device=starts.device)
+    see_carried = (episode == 0)[:, :, None] & cache.valid_mask()[:, None, :]  # [B, T, L0]
+    causal = (t_idx[None, :] <= t_idx[:, None])[None]  # [1, T(query), T(key)]
+    see_segment = routed[:, None, :] & causal & (episode[:, None, :] == episode[:, :, None])  # [B, T, T]
+    visible = torch.cat([see_carried, see_segment], 2)
+    # The final cache is what the last token sees, kept in candidate order (carried slots, then time order).
+    in_final = visible[:, -1]
+    length = in_final.sum(1)
+    order = torch.argsort((~in_final).to(torch.int8), dim=1, stable=True)  # chosen candidates first, in order
+    width = max(int(length.max()), 1)
+    return CachePlan(visible=visible, final_source=order[:, :width], final_length=length)
+
+
+def _plan_with_capacity(
+    cache: KVCache, starts: Tensor, steps: Tensor, score: Tensor, routed: Tensor, capacity: int
+) -> CachePlan:
+    B, T = starts.shape
+    L0, device = cache.slots, starts.device
+    n_cand = L0 + T
+    width = capacity + 1  # slot `capacity` is the scratch slot that choose_slot sends non-writers to
+    carried = min(L0, width)
+    # Integer slot maps: which candidate each slot holds, with its score and time (n_cand = nothing).
+    slot_source = torch.full((B, width), n_cand, dtype=torch.long, device=device)
+    slot_source[:, :carried] = torch.arange(carried, device=device)
+    slot_score = torch.zeros(B, width, dtype=cache.scores.dtype, device=device)
+    slot_score[:, :carried] = cache.scores[:, :carried]
+    slot_time = torch.zeros(B, width, dtype=torch.long, device=device)
+    slot_time[:, :carried] = cache.times[:, :carried]
+    length = cache.length.clone()
+    rows = torch.arange(B, device=device)
+    slot_idx = torch.arange(width, device=device)
+    visible = torch.zeros(B, T, n_cand + 1, dtype=torch.bool, device=device)  # last column swallows "nothing"
+    for t in range(T):
+        length = length * ~starts[:, t]
+        slot, stored, length = choose_slot(slot_score, slot_time, length, score[:, t], routed[:, t], capacity)
+        slot_source[rows, slot] = torch.where(stored, L0 + t, slot_source[rows, slot])
+        slot_score[rows, slot] = torch.where(stored, score[:, t].to(slot_score.dtype), slot_score[rows, slot])
+        slot_time[rows, slot] = torch.where(stored, steps[:, t], slot_time[rows, slot])
+        live = torch.where(slot_idx < length[:, None], slot_source, n_cand)
+        visible[:, t].scatter_(1, live, True)
+    used = max(int(length.max()), 1)
+    final_source = torch.where(slot_idx[:used] < length[:, None], slot_source[:, :used], 0)
+    return CachePlan(visible=visible[:, :, :n_cand], final_source=final_source, final_length=length)

@@ -1,0 +1,242 @@
+"""The HAM layer and the memories that fall out of it (gdn, attention, window, hqlt).
+
+One layer, two memories (see ``docs/ham.md`` and the spec it follows): a gated delta-rule RNN reads every
+token; a token whose value the RNN predicted badly (surprise ``min_h 1 - cos(v_hat, v) >= tau``) is also
+written to the env's KV cache, which softmax attention reads. Two independent sigmoid gates mix the readouts::
+
+    o = sigmoid(W_r x) * o_rnn + sigmoid(W_a x) * o_kv ;   y = W_o RMSNorm(o)
+
+Switching paths and routers off gives the baselines: gdn (RNN only), attention (every token cached, no RNN),
+window (the last W tokens), hqlt (RNN + window: the naive hybrid HAM must beat).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ham_rl.memory.base import Memory
+from ham_rl.memory.cache_plan import plan_cache
+from ham_rl.state import KVCache, MemoryState
+from kernels.cache_attention import cache_attention
+from kernels.gated_delta_rule import gated_delta_rule
+from kernels.ham_step import ham_step, surprise_score
+
+__all__ = ["HybridMemory", "ROUTERS"]
+
+#: surprise: min over heads of 1 - cos(v_hat, v); learned: sigmoid(MLP(x)); all: every token (window memories)
+ROUTERS = ("surprise", "learned", "all")
+
+
+class HybridMemory(Memory):
+    """Gated delta-rule RNN plus a routed KV cache read by softmax attention.
+
+    :param input_size: features per input step
+    :param hidden_size: features per output step; split into ``num_heads`` heads
+    :param num_heads: heads of both paths (the routing decision is shared by all heads)
+    :param use_rnn: keep the gated delta-rule path
+    :param use_attention: keep the KV-cache attention path
+    :param router: ``"surprise"`` (HAM), ``"learned"`` (sigmoid MLP with a straight-through factor) or ``"all"``
+    :param threshold: tau; a token is cached iff its router score >= tau (+inf: never, -inf: always)
+    :param target_fraction: if set, tau follows the feedback rule tau <- tau + threshold_lr * (f_obs - f)
+        after each update (``end_update``), so that the fraction of cached tokens approaches this value
+    :param threshold_lr: step size eta of the feedback rule
+    :param capacity: most cache entries per env (0: unbounded); a full cache evicts its lowest-score entry
+    :param fixed_decay: use decay alpha = 1 instead of the learned gate
+    :param time_feature: add the step-in-episode embedding to the input (attention needs order information)
+    """
+
+    has_cache = True
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_heads: int = 4,
+        use_rnn: bool = True,
+        use_attention: bool = True,
+        router: str = "surprise",
+        threshold: float = 0.5,
+        target_fraction: float | None = None,
+        threshold_lr: float = 0.1,
+        capacity: int = 0,
+        fixed_decay: bool = False,
+        time_feature: bool = True,
+    ):
+        super().__init__(input_size, hidden_size, time_feature)
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0 or hidden_size % num_heads:
+            raise ValueError(f"`num_heads` must be a positive int dividing hidden_size={hidden_size}, got {num_heads!r}")
+        if not (use_rnn or use_attention):
+            raise ValueError("at least one of `use_rnn` and `use_attention` must be True, got both False")
+        if router not in ROUTERS:
+            raise ValueError(f"`router` must be one of {', '.join(ROUTERS)}, got {router!r}")
+        if router == "surprise" and not use_rnn:
+            raise ValueError("`router='surprise'` needs the RNN's prediction; use router='all' when use_rnn=False")
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"`capacity` must be an int >= 0 (0 = unbounded), got {capacity!r}")
+        if target_fraction is not None and not 0.0 <= target_fraction <= 1.0:
+            raise ValueError(f"`target_fraction` must be in [0, 1] or None, got {target_fraction!r}")
+        if not isinstance(threshold, int | float) or math.isnan(threshold):
+            raise ValueError(f"`threshold` must be a number (inf allowed), got {threshold!r}")
+        if not threshold_lr > 0:
+            raise ValueError(f"`threshold_lr` must be > 0, got {threshold_lr!r}")
+        self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
+        self.use_rnn, self.use_attention, self.router = use_rnn, use_attention, router
+        self.capacity, self.fixed_decay = capacity, fixed_decay
+        self.target_fraction, self.threshold_lr = target_fraction, threshold_lr
+        H = num_heads
+        self.qkv = nn.Linear(input_size, 3 * hidden_size, bias=False)
+        if use_rnn:
+            self.beta_proj = nn.Linear(input_size, H)
+            self.gate_rnn = nn.Linear(input_size, H)
+            if not fixed_decay:
+                # alpha = exp(-softplus(a.x + b)); b spreads the heads' initial decays over timescales ~2..100 steps
+                self.decay_proj = nn.Linear(input_size, H)
+                with torch.no_grad():
+                    rates = torch.logspace(math.log10(0.01), math.log10(0.5), H)
+                    self.decay_proj.bias.copy_(torch.log(torch.expm1(rates)))
+        if use_attention:
+            self.gate_attn = nn.Linear(input_size, H)
+            # q and k are unit vectors, so a learned per-head temperature lets attention become sharp
+            self.attn_log_scale = nn.Parameter(torch.full((H,), math.log(8.0)))
+        if router == "learned":
+            self.router_net = nn.Sequential(nn.Linear(input_size, 32), nn.Tanh(), nn.Linear(32, 1))
+        self.norm = nn.RMSNorm(hidden_size)
+        self.out = nn.Linear(hidden_size, hidden_size)
+        self.register_buffer("tau", torch.tensor(float(threshold if router != "all" else -math.inf)))
+        # Routing counts of step() calls since the last end_update (rollout tokens), for kv_fraction.
+        self.register_buffer("_stored", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("_seen", torch.zeros((), dtype=torch.float64), persistent=False)
+
+    # -- threshold -----------------------------------------------------------------------------------------
+    @property
+    def threshold(self) -> float | None:
+        """tau, or None when the memory caches every token (router "all") or has no cache."""
+        if not self.use_attention or self.router == "all":
+            return None
+        return float(self.tau)
+
+    def set_threshold(self, tau: float) -> None:
+        """Set tau, e.g. on a trained model to trade return for a smaller cache."""
+        if self.threshold is None:
+            super().set_threshold(tau)
+        if not isinstance(tau, int | float) or math.isnan(tau):
+            raise ValueError(f"`threshold` must be a number (inf allowed), got {tau!r}")
+        self.tau.fill_(float(tau))
+
+    def end_update(self) -> dict[str, float | None]:
+        """Apply the target-fraction feedback rule (if set) to the step() tokens since the last call."""
+        seen = float(self._seen)
+        fraction = float(self._stored) / seen if seen > 0 and self.use_attention else None
+        if fraction is not None and self.target_fraction is not None and self.threshold is not None:
+            self.tau.add_(self.threshold_lr * (fraction - self.target_fraction))
+        self._stored.zero_()
+        self._seen.zero_()
+        return {"kv_fraction": fraction, "threshold": self.threshold}
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def _initial_rnn(self, batch_size, device):
+        if not self.use_rnn:
+            return ()
+        dtype = self.qkv.weight.dtype
+        return (torch.zeros(batch_size, self.num_heads, self.head_dim, self.head_dim, device=device, dtype=dtype),)
+
+    def _initial_cache(self, batch_size, device):
+        if not self.use_attention:
+            return None
+        dtype = self.qkv.weight.dtype
+        return KVCache.empty(batch_size, self.num_heads, self.head_dim, self.head_dim, 0, device, dtype)
+
+    # -- shared projections --------------------------------------------------------------------------------
+    def _project(self, x: Tensor) -> dict[str, Tensor]:
+        """Per-token quantities for ``x [..., input_size]``: q, k, v ``[..., H, d]``; gates etc. ``[..., H]``."""
+        H, d = self.num_heads, self.head_dim
+        q, k, v = self.qkv(x).unflatten(-1, (3, H, d)).unbind(-3)  # each [..., H, d]
+        p = {"q": F.normalize(q, dim=-1), "k": F.normalize(k, dim=-1), "v": v}
+        if self.use_rnn:
+            p["beta"] = torch.sigmoid(self.beta_proj(x))
+            p["g"] = torch.zeros_like(p["beta"]) if self.fixed_decay else -F.softplus(self.decay_proj(x))
+            p["gate_rnn"] = torch.sigmoid(self.gate_rnn(x))
+        if self.use_attention:
+            p["gate_attn"] = torch.sigmoid(self.gate_attn(x))
+        if self.router == "learned":
+            p["router"] = torch.sigmoid(self.router_net(x)).squeeze(-1)
+        elif self.router == "all":
+            p["router"] = x.new_zeros(x.shape[:-1])  # equal scores: a full window evicts the oldest
+        return p
+
+    def _readout(self, o: Tensor) -> Tensor:
+        """``o [..., H, d]`` (gated sum of both paths) -> ``y [..., hidden_size]``."""
+        return self.out(self.norm(o.flatten(-2).to(self.out.weight.dtype)))
+
+    # -- sequence form -------------------------------------------------------------------------------------
+    def _sequence(self, x, state, starts, steps):
+        p = self._project(x)
+        o = 0.0
+        rnn, cache = state.rnn, state.cache
+        score = p.get("router")
+        if self.use_rnn:
+            o_rnn, v_hat, final = gated_delta_rule(p["q"], p["k"], p["v"], p["beta"], p["g"], starts, rnn[0])
+            o = p["gate_rnn"][..., None] * o_rnn
+            rnn = (final,)
+            if score is None:
+                score = surprise_score(v_hat, p["v"])  # [B, T]
+        if self.use_attention:
+            routed = score.detach() >= self.tau
+            plan = plan_cache(cache, starts, steps, score.detach(), routed, self.capacity)
+            values = p["v"]
+            if self.router == "learned":
+                # Straight-through: 1 in the forward pass, d/dr = 1/r so the router learns from attention's use
+                values = values * (score / score.detach())[..., None, None]
+            keys_all = torch.cat([cache.keys.to(values.dtype), p["k"]], 1)  # [B, L0 + T, H, d]
+            values_all = torch.cat([cache.values.to(values.dtype), values], 1)
+            o_kv = cache_attention(p["q"], keys_all, values_all, plan.visible, self.attn_log_scale.exp())
+            o = o + p["gate_attn"][..., None] * o_kv
+            cache = self._gather_cache(cache, plan, keys_all, values_all, score, steps)
+        return self._readout(o), MemoryState(rnn=rnn, cache=cache, episode_len=state.episode_len)
+
+    @staticmethod
+    def _gather_cache(cache: KVCache, plan, keys_all: Tensor, values_all: Tensor, score: Tensor, steps: Tensor) -> KVCache:
+        """The cache after the segment: the candidates the plan keeps, in the step form's slot order."""
+        src = plan.final_source  # [B, Lf]
+        per_slot = src[..., None, None].expand(-1, -1, *keys_all.shape[2:])
+        scores_all = torch.cat([cache.scores, score.detach().to(cache.scores.dtype)], 1)
+        times_all = torch.cat([cache.times, steps], 1)
+        return KVCache(
+            keys=keys_all.gather(1, per_slot),
+            values=values_all.gather(1, per_slot),
+            scores=scores_all.gather(1, src),
+            times=times_all.gather(1, src),
+            length=plan.final_length,
+        )
+
+    # -- step form -----------------------------------------------------------------------------------------
+    def _step(self, x, state, start, steps):
+        p = self._project(x)
+        B, H, d = x.shape[0], self.num_heads, self.head_dim
+        cache = state.cache
+        if cache is None:  # gdn: a stand-in cache the step op never touches
+            cache = KVCache.empty(B, H, d, d, 1, x.device, x.dtype)
+        else:
+            need = int(cache.length.max()) + 1
+            cache = cache.reserve(min(need, self.capacity + 1) if self.capacity else need)
+        rnn = state.rnn[0] if self.use_rnn else x.new_zeros(B, H, d, d)
+        zeros = x.new_zeros(B, H)
+        o, rnn_new, length, score, routed = ham_step(
+            p["q"], p["k"], p["v"], p.get("beta", zeros), p.get("g", zeros),
+            p.get("gate_rnn", zeros), p.get("gate_attn", zeros), rnn,
+            cache.keys, cache.values, cache.scores, cache.times, cache.length,
+            start, steps, float(self.tau), self.capacity, p.get("router"),
+            self.use_rnn, self.use_attention, self.attn_log_scale.exp() if self.use_attention else None,
+        )  # fmt: skip
+        if self.use_attention:
+            self._stored += routed.sum()
+            self._seen += B
+            cache = KVCache(cache.keys, cache.values, cache.scores, cache.times, length)
+        else:
+            cache = None
+        rnn_state = (rnn_new,) if self.use_rnn else ()
+        return self._readout(o.to(x.dtype)), MemoryState(rnn=rnn_state, cache=cache, episode_len=state.episode_len)
