@@ -1,0 +1,89 @@
+"""Step and sequence cost of every memory, as ratios to gru, measured side by side in one run.
+
+    python bench/memory.py [--repeats 7] [--threads 2]
+
+Step: one batched ``mem.step`` for B = 64 envs, each already 64 steps into its episode (so caches hold
+entries), no grad. Sequence: ``mem(x, state, starts)`` for B = 16, T = 128, forward + backward. Every repeat
+times every memory in turn (interleaved, so drifts of this noisy machine hit all alike); the table shows
+medians over repeats divided by gru's median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from ham_rl import MEMORIES, make_memory
+
+INPUT, HIDDEN = 32, 64
+
+
+def step_timer(name: str, envs: int = 64, warm: int = 64, calls: int = 20):
+    """A function that times ``calls`` batched steps and returns seconds per step."""
+    mem = make_memory(name, INPUT, HIDDEN)
+    with torch.no_grad():
+        state = mem.initial_state(envs)
+        no_start = torch.zeros(envs, dtype=torch.bool)
+        for _ in range(warm):
+            _, state = mem.step(torch.randn(envs, INPUT), state, no_start)
+    xs = torch.randn(calls, envs, INPUT)
+
+    def run() -> float:
+        s = state.clone()
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            for i in range(calls):
+                _, s = mem.step(xs[i], s, no_start)
+            return (time.perf_counter() - t0) / calls
+
+    return run
+
+
+def sequence_timer(name: str, envs: int = 16, steps: int = 128):
+    """A function that times one forward + backward over a [16, 128] segment with episode starts inside."""
+    mem = make_memory(name, INPUT, HIDDEN)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(envs, steps, INPUT, generator=g)
+    starts = torch.rand(envs, steps, generator=g) < 1 / 50  # episodes of ~50 steps, as in POPGym's easy tasks
+    state = mem.initial_state(envs)
+
+    def run() -> float:
+        mem.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        y, _ = mem(x, state, starts)
+        y.square().mean().backward()
+        return time.perf_counter() - t0
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--memories", nargs="*", default=list(MEMORIES))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    names = list(dict.fromkeys(["gru", *args.memories]))
+    timers = {n: (step_timer(n), sequence_timer(n)) for n in names}
+    times: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in names}
+    for n in names:  # one untimed pass: allocations, lazy init
+        timers[n][0](), timers[n][1]()
+    for _ in range(args.repeats):
+        for n in names:
+            times[n][0].append(timers[n][0]())
+            times[n][1].append(timers[n][1]())
+    med = {n: (statistics.median(s), statistics.median(q)) for n, (s, q) in times.items()}
+    print(f"torch {torch.__version__}, {args.threads} threads, medians of {args.repeats} interleaved repeats")
+    print("step: B=64, 64 steps into the episode, no grad; sequence: B=16, T=128, forward + backward")
+    print(f"{'memory':<12} {'step / gru':>11} {'sequence / gru':>15}")
+    for n in names:
+        print(f"{n:<12} {med[n][0] / med['gru'][0]:>11.2f} {med[n][1] / med['gru'][1]:>15.2f}")
+
+
+if __name__ == "__main__":
+    main()
