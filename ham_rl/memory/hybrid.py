@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ham_rl.memory.base import Memory
 from ham_rl.memory.cache_plan import plan_cache
+from ham_rl.memory.short_conv import ShortConv
 from ham_rl.state import KVCache, MemoryState
 from kernels.cache_attention import cache_attention
 from kernels.gated_delta_rule import gated_delta_rule
@@ -46,6 +47,7 @@ class HybridMemory(Memory):
     :param threshold_lr: step size eta of the feedback rule
     :param capacity: most cache entries per env (0: unbounded); a full cache evicts its lowest-score entry
     :param fixed_decay: use decay alpha = 1 instead of the learned gate
+    :param conv_size: width of the causal short convolution on q, k, v (Gated DeltaNet's; 0 turns it off)
     :param time_feature: add the step-in-episode embedding to the input (attention needs order information)
     """
 
@@ -64,6 +66,7 @@ class HybridMemory(Memory):
         threshold_lr: float = 0.1,
         capacity: int = 0,
         fixed_decay: bool = False,
+        conv_size: int = 4,
         time_feature: bool = True,
     ):
         super().__init__(input_size, hidden_size, time_feature)
@@ -77,6 +80,8 @@ class HybridMemory(Memory):
             raise ValueError("`router='surprise'` needs the RNN's prediction; use router='all' when use_rnn=False")
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
             raise ValueError(f"`capacity` must be an int >= 0 (0 = unbounded), got {capacity!r}")
+        if isinstance(conv_size, bool) or not isinstance(conv_size, int) or conv_size < 0:
+            raise ValueError(f"`conv_size` must be an int >= 0 (0 = no convolution), got {conv_size!r}")
         if target_fraction is not None and not 0.0 <= target_fraction <= 1.0:
             raise ValueError(f"`target_fraction` must be in [0, 1] or None, got {target_fraction!r}")
         if not isinstance(threshold, int | float) or math.isnan(threshold):
@@ -89,6 +94,7 @@ class HybridMemory(Memory):
         self.target_fraction, self.threshold_lr = target_fraction, threshold_lr
         H = num_heads
         self.qkv = nn.Linear(input_size, 3 * hidden_size, bias=False)
+        self.conv = ShortConv(3 * hidden_size, conv_size) if conv_size else None
         if use_rnn:
             self.beta_proj = nn.Linear(input_size, H)
             self.gate_rnn = nn.Linear(input_size, H)
@@ -139,10 +145,23 @@ class HybridMemory(Memory):
 
     # -- state ---------------------------------------------------------------------------------------------
     def _initial_rnn(self, batch_size, device):
-        if not self.use_rnn:
-            return ()
+        # rnn = (S [B, H, K, V] if use_rnn) + (conv history [B, conv_size - 1, 3 * hidden] if conv)
         dtype = self.qkv.weight.dtype
-        return (torch.zeros(batch_size, self.num_heads, self.head_dim, self.head_dim, device=device, dtype=dtype),)
+        out = ()
+        if self.use_rnn:
+            out += (torch.zeros(batch_size, self.num_heads, self.head_dim, self.head_dim, device=device, dtype=dtype),)
+        if self.conv is not None:
+            out += (self.conv.initial_history(batch_size, 3 * self.hidden_size, device, dtype),)
+        return out
+
+    def _split_rnn(self, rnn: tuple[Tensor, ...]) -> tuple[Tensor | None, Tensor | None]:
+        """``(S or None, conv history or None)`` from the state's rnn tuple."""
+        S = rnn[0] if self.use_rnn else None
+        return S, (rnn[-1] if self.conv is not None else None)
+
+    @staticmethod
+    def _join_rnn(S: Tensor | None, history: Tensor | None) -> tuple[Tensor, ...]:
+        return tuple(t for t in (S, history) if t is not None)
 
     def _initial_cache(self, batch_size, device):
         if not self.use_attention:
@@ -151,10 +170,13 @@ class HybridMemory(Memory):
         return KVCache.empty(batch_size, self.num_heads, self.head_dim, self.head_dim, 0, device, dtype)
 
     # -- shared projections --------------------------------------------------------------------------------
-    def _project(self, x: Tensor) -> dict[str, Tensor]:
-        """Per-token quantities for ``x [..., input_size]``: q, k, v ``[..., H, d]``; gates etc. ``[..., H]``."""
+    def _project(self, x: Tensor, history: Tensor | None, steps: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
+        """Per-token quantities for ``x [B, T, input_size]``: q, k, v ``[B, T, H, d]``; gates ``[B, T, H]``."""
         H, d = self.num_heads, self.head_dim
-        q, k, v = self.qkv(x).unflatten(-1, (3, H, d)).unbind(-3)  # each [..., H, d]
+        qkv = self.qkv(x)
+        if self.conv is not None:
+            qkv, history = self.conv(qkv, history, steps)
+        q, k, v = qkv.unflatten(-1, (3, H, d)).unbind(-3)  # each [B, T, H, d]
         p = {"q": F.normalize(q, dim=-1), "k": F.normalize(k, dim=-1), "v": v}
         if self.use_rnn:
             p["beta"] = torch.sigmoid(self.beta_proj(x))
@@ -166,7 +188,7 @@ class HybridMemory(Memory):
             p["router"] = torch.sigmoid(self.router_net(x)).squeeze(-1)
         elif self.router == "all":
             p["router"] = x.new_zeros(x.shape[:-1])  # equal scores: a full window evicts the oldest
-        return p
+        return p, history
 
     def _readout(self, o: Tensor) -> Tensor:
         """``o [..., H, d]`` (gated sum of both paths) -> ``y [..., hidden_size]``."""
@@ -174,14 +196,14 @@ class HybridMemory(Memory):
 
     # -- sequence form -------------------------------------------------------------------------------------
     def _sequence(self, x, state, starts, steps):
-        p = self._project(x)
+        S, history = self._split_rnn(state.rnn)
+        p, history = self._project(x, history, steps)
         o = 0.0
-        rnn, cache = state.rnn, state.cache
+        cache = state.cache
         score = p.get("router")
         if self.use_rnn:
-            o_rnn, v_hat, final = gated_delta_rule(p["q"], p["k"], p["v"], p["beta"], p["g"], starts, rnn[0])
+            o_rnn, v_hat, S = gated_delta_rule(p["q"], p["k"], p["v"], p["beta"], p["g"], starts, S)
             o = p["gate_rnn"][..., None] * o_rnn
-            rnn = (final,)
             if score is None:
                 score = surprise_score(v_hat, p["v"])  # [B, T]
         if self.use_attention:
@@ -196,6 +218,7 @@ class HybridMemory(Memory):
             o_kv = cache_attention(p["q"], keys_all, values_all, plan.visible, self.attn_log_scale.exp())
             o = o + p["gate_attn"][..., None] * o_kv
             cache = self._gather_cache(cache, plan, keys_all, values_all, score, steps)
+        rnn = self._join_rnn(S, history)
         return self._readout(o), MemoryState(rnn=rnn, cache=cache, episode_len=state.episode_len)
 
     @staticmethod
@@ -215,7 +238,9 @@ class HybridMemory(Memory):
 
     # -- step form -----------------------------------------------------------------------------------------
     def _step(self, x, state, start, steps):
-        p = self._project(x)
+        S, history = self._split_rnn(state.rnn)
+        p, history = self._project(x[:, None], history, steps[:, None])
+        p = {name: t[:, 0] for name, t in p.items()}  # [B, 1, ...] -> [B, ...]
         B, H, d = x.shape[0], self.num_heads, self.head_dim
         cache = state.cache
         if cache is None:  # gdn: a stand-in cache the step op never touches
@@ -223,7 +248,7 @@ class HybridMemory(Memory):
         else:
             need = int(cache.length.max()) + 1
             cache = cache.reserve(min(need, self.capacity + 1) if self.capacity else need)
-        rnn = state.rnn[0] if self.use_rnn else x.new_zeros(B, H, d, d)
+        rnn = S if self.use_rnn else x.new_zeros(B, H, d, d)
         zeros = x.new_zeros(B, H)
         o, rnn_new, length, score, routed = ham_step(
             p["q"], p["k"], p["v"], p.get("beta", zeros), p.get("g", zeros),
@@ -238,5 +263,5 @@ class HybridMemory(Memory):
             cache = KVCache(cache.keys, cache.values, cache.scores, cache.times, length)
         else:
             cache = None
-        rnn_state = (rnn_new,) if self.use_rnn else ()
+        rnn_state = self._join_rnn(rnn_new if self.use_rnn else None, history)
         return self._readout(o.to(x.dtype)), MemoryState(rnn=rnn_state, cache=cache, episode_len=state.episode_len)

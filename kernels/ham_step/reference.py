@@ -120,11 +120,12 @@ def ham_step(
         valid = torch.arange(keys.shape[1], device=q.device) < length[:, None]  # [B, L]
         scale = K**-0.5 if scale is None else scale
         if isinstance(scale, Tensor):
-            scale = scale.to(acc)[:, None]  # [H] -> [H, 1], broadcast over [B, H, L]
-        logits = torch.einsum("bhk,blhk->bhl", q.to(acc), keys.to(acc)) * scale
-        logits = logits.masked_fill(~valid[:, None], float("-inf"))
-        weights = (logits - logits.amax(-1, keepdim=True).clamp_min(-1e30)).exp() * valid[:, None]
-        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)
-        o_kv = torch.einsum("bhl,blhv->bhv", weights, values.to(acc))
+            scale = scale.to(acc)  # [H], broadcast over [B, L, H]
+        # Multiply-and-sum in the cache's own [B, L, H, .] layout: an einsum would copy the whole cache per step.
+        logits = (keys.to(acc) * q.to(acc)[:, None]).sum(-1) * scale  # [B, L, H]
+        logits = logits.masked_fill(~valid[..., None], float("-inf"))
+        weights = (logits - logits.amax(1, keepdim=True).clamp_min(-1e30)).exp() * valid[..., None]
+        weights = weights / weights.sum(1, keepdim=True).clamp_min(1e-30)
+        o_kv = (weights[..., None] * values.to(acc)).sum(1)  # [B, H, V]
         o = o + gate_attn[..., None].to(acc) * o_kv
     return o, rnn_state, length, score, routed
