@@ -1,7 +1,35 @@
 """Attention over each token's visible cache entries: ``cache_attention`` dispatches to Triton or the reference."""
 
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
 from kernels.cache_attention.reference import masked_cache_attention
+from kernels.triton_utils import resolve_backend
 
 __all__ = ["cache_attention", "masked_cache_attention"]
 
-cache_attention = masked_cache_attention
+
+def cache_attention(
+    q: Tensor, keys: Tensor, values: Tensor, visible: Tensor, scale: float | Tensor | None = None
+) -> Tensor:
+    """Masked softmax attention; arguments and return as ``masked_cache_attention`` (the truth).
+
+    Runs the block-sparse Triton kernel (``parallel.parallel_cache_attention``, forward and backward) when
+    ``resolve_backend(q)`` is ``"triton"``, unless ``scale`` is a tensor that needs a gradient (the kernel does not
+    differentiate the scale); the reference otherwise.
+
+    Args:
+        q: ``[B, T, H, K]``; keys ``[B, S, H, K]``; values ``[B, S, H, V]``; visible ``[B, T, S]`` bool.
+        scale: a float or a per-head ``[H]`` tensor; ``K ** -0.5`` if None.
+
+    Returns:
+        ``o [B, T, H, V]``; rows with nothing visible are 0.
+    """
+    scale_grad = isinstance(scale, Tensor) and scale.requires_grad and torch.is_grad_enabled()
+    if not scale_grad and resolve_backend(q) == "triton":
+        from kernels.cache_attention.parallel import parallel_cache_attention
+
+        return parallel_cache_attention(q, keys, values, visible, scale)
+    return masked_cache_attention(q, keys, values, visible, scale)
