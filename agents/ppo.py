@@ -1,0 +1,326 @@
+"""Recurrent PPO with sequence minibatches, in the order of CleanRL's ppo_atari_lstm.py.
+
+One iteration = rollout (all envs' memories stepped in one batched ``memory.step`` per env step; the memory state
+of every env is stored once, at rollout start) -> GAE -> epochs over minibatches of whole env rows ``[n, T]``,
+each replayed with ONE ``memory(x, state0, starts)`` call from the stored start state (truncated BPTT: the state
+is detached at segment start) -> clipped PPO loss, value loss, entropy bonus, gradient clipping.
+
+Shapes: B = num_envs, T = num_steps, D = feature_dim. Rollout buffers are ``[T, B, ...]`` while collecting (one
+row per step) and ``[B, T, ...]`` (env rows) in the update.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+from torch import nn
+
+from agents.policy import RecurrentActorCritic
+from envs import VecEnv
+from ham_rl import MemoryState
+
+__all__ = ["PPO", "PPOConfig", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The PPO loss became NaN or infinite."""
+
+
+@dataclass
+class PPOConfig:
+    """PPO hyperparameters (``configs/agent/ppo.yaml``)."""
+
+    num_envs: int = 32
+    """number of envs stepped in parallel (B)"""
+    num_steps: int = 64
+    """rollout length per env per update (T)"""
+    learning_rate: float = 1e-3
+    """Adam learning rate (start value when annealed)"""
+    anneal_lr: bool = True
+    """linearly anneal the learning rate to 0 over the run"""
+    gamma: float = 0.99
+    """discount factor"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    num_minibatches: int = 8
+    """minibatches per epoch; each holds num_envs / num_minibatches whole env rows"""
+    update_epochs: int = 4
+    """epochs over the rollout per update"""
+    norm_adv: bool = True
+    """normalise advantages per minibatch"""
+    clip_coef: float = 0.2
+    """PPO surrogate clipping coefficient"""
+    clip_vloss: bool = False
+    """clip the value loss like the surrogate"""
+    ent_coef: float = 0.01
+    """entropy bonus coefficient"""
+    vf_coef: float = 0.5
+    """value loss coefficient"""
+    max_grad_norm: float = 0.5
+    """global gradient-norm clip"""
+    target_kl: float | None = None
+    """stop the epochs of an update early when approx_kl exceeds this (None: never)"""
+    embed_size: int = 64
+    """encoder output size (the memory's input size)"""
+    head_size: int = 64
+    """hidden width of the actor and critic heads"""
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PPOConfig:
+        """Build from a config mapping; unknown keys raise ValueError listing the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown agent option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first nonsensical hyperparameter and its allowed range."""
+
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise ValueError(f"agent.{name} must be {rule}, got {getattr(self, name)!r}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "embed_size", "head_size"):
+            need(is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "an int >= 1")
+        need(self.learning_rate > 0 and np.isfinite(self.learning_rate), "learning_rate", "a finite float > 0")
+        need(0.0 < self.gamma <= 1.0, "gamma", "in (0, 1]")
+        need(0.0 <= self.gae_lambda <= 1.0, "gae_lambda", "in [0, 1]")
+        need(self.clip_coef > 0, "clip_coef", "> 0")
+        need(self.ent_coef >= 0, "ent_coef", ">= 0")
+        need(self.vf_coef >= 0, "vf_coef", ">= 0")
+        need(self.max_grad_norm > 0, "max_grad_norm", "> 0")
+        need(self.target_kl is None or self.target_kl > 0, "target_kl", "None or > 0")
+        if self.num_envs % self.num_minibatches:
+            raise ValueError(
+                f"agent.num_envs ({self.num_envs}) must be divisible by agent.num_minibatches ({self.num_minibatches}): "
+                "minibatches are whole env rows"
+            )
+
+    @property
+    def batch_size(self) -> int:
+        """Env steps per update (num_envs * num_steps)."""
+        return self.num_envs * self.num_steps
+
+
+class PPO:
+    """Owns the agent, optimizer, vector env, rollout buffers and counters of one training run.
+
+    :param agent: the recurrent actor-critic
+    :param venv: the vector env (its number of envs must equal ``cfg.num_envs``)
+    :param cfg: PPO hyperparameters
+    :param total_timesteps: env steps of the whole run (sets the number of updates and the LR schedule)
+    :param device: torch device of the agent
+    """
+
+    def __init__(self, agent: RecurrentActorCritic, venv: VecEnv, cfg: PPOConfig, total_timesteps: int, device="cpu"):
+        if venv.num_envs != cfg.num_envs:
+            raise ValueError(f"venv has {venv.num_envs} envs, agent.num_envs is {cfg.num_envs}")
+        if total_timesteps < cfg.batch_size:
+            raise ValueError(
+                f"total_timesteps ({total_timesteps}) must be >= agent.num_envs * agent.num_steps ({cfg.batch_size})"
+            )
+        self.agent, self.venv, self.cfg, self.device = agent, venv, cfg, torch.device(device)
+        self.total_timesteps = int(total_timesteps)
+        self.num_updates = self.total_timesteps // cfg.batch_size
+        self.optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.learning_rate, eps=1e-5)
+        T, B, D = cfg.num_steps, cfg.num_envs, venv.feature_dim
+        head = agent.action_head
+        # rollout buffers [T, B, ...]: numpy for what comes from the env (converted once per rollout), torch for the rest
+        self.obs = np.zeros((T, B, D), dtype=np.float32)
+        self.starts = np.zeros((T, B), dtype=bool)
+        self.rewards = np.zeros((T, B), dtype=np.float32)
+        self.dones = np.zeros((T, B), dtype=bool)
+        self.actions = torch.zeros((T, B, *head.action_shape), dtype=head.action_dtype, device=self.device)
+        self.logprobs = torch.zeros((T, B), device=self.device)
+        self.values = torch.zeros((T, B), device=self.device)
+        self.cache_len = torch.zeros((T, B), dtype=torch.long, device=self.device)
+        # counters and the carried-over env/memory state
+        self.update = 0
+        self.global_step = 0
+        self.next_obs, self.next_start = venv.reset()
+        self.state: MemoryState = agent.initial_state(B, device=self.device)
+        self.ep_returns: deque[float] = deque(maxlen=100)
+        self.ep_lengths: deque[int] = deque(maxlen=100)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def collect_rollout(self) -> dict:
+        """Step all envs ``num_steps`` times; returns rollout stats (kv_len_mean, episodes finished)."""
+        agent, venv, head, dev = self.agent, self.venv, self.agent.action_head, self.device
+        # memory state of every env at rollout start: the update replays each env row from it
+        self.state0 = self.state.compact().clone()
+        with torch.no_grad():
+            for t in range(self.cfg.num_steps):
+                self.obs[t] = self.next_obs
+                self.starts[t] = self.next_start
+                x = torch.from_numpy(self.next_obs).to(dev)
+                start = torch.from_numpy(self.next_start).to(dev)
+                action, logp, value, self.state = agent.step(x, self.state, start)
+                self.actions[t] = action
+                self.logprobs[t] = logp
+                self.values[t] = value
+                self.cache_len[t] = self.state.cache_len  # cache length after this step (episode end if done)
+                self.next_obs, self.rewards[t], self.dones[t], finished = venv.step(head.to_env(action))
+                self.next_start = self.dones[t].copy()
+                for _, ret, length in finished:
+                    self.ep_returns.append(ret)
+                    self.ep_lengths.append(length)
+            # bootstrap value of the observation after the rollout (on a copy: step updates caches in place)
+            self.next_value = agent.value(
+                torch.from_numpy(self.next_obs).to(dev), self.state.clone(), torch.from_numpy(self.next_start).to(dev)
+            )
+        self.global_step += self.cfg.batch_size
+        dones_t = torch.from_numpy(self.dones).to(dev)
+        n_done = int(self.dones.sum())
+        has_cache = self.state.cache is not None
+        kv_len_mean = float(self.cache_len[dones_t].float().mean()) if n_done and has_cache else None
+        return {"episodes": n_done, "kv_len_mean": kv_len_mean}
+
+    def compute_advantages(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """GAE over the rollout; returns advantages and returns, both ``[T, B]``."""
+        cfg = self.cfg
+        rewards = torch.from_numpy(self.rewards).to(self.device)
+        nonterminal = 1.0 - torch.from_numpy(self.dones).to(self.device).float()  # dones[t]: episode ended at t
+        advantages = torch.zeros_like(rewards)
+        lastgaelam = torch.zeros_like(self.next_value)
+        for t in reversed(range(cfg.num_steps)):
+            nextvalues = self.next_value if t == cfg.num_steps - 1 else self.values[t + 1]
+            delta = rewards[t] + cfg.gamma * nextvalues * nonterminal[t] - self.values[t]
+            lastgaelam = delta + cfg.gamma * cfg.gae_lambda * nonterminal[t] * lastgaelam
+            advantages[t] = lastgaelam
+        return advantages, advantages + self.values
+
+    def train_step(self, advantages: torch.Tensor, returns: torch.Tensor) -> dict:
+        """Epochs over minibatches of whole env rows; one memory sequence call per minibatch."""
+        cfg, agent, dev = self.cfg, self.agent, self.device
+        # env rows [B, T, ...]
+        b_obs = torch.from_numpy(self.obs).to(dev).transpose(0, 1).contiguous()
+        b_starts = torch.from_numpy(self.starts).to(dev).transpose(0, 1).contiguous()
+        b_actions = self.actions.transpose(0, 1)
+        b_logprobs, b_values = self.logprobs.T, self.values.T
+        b_advantages, b_returns = advantages.T, returns.T
+        envs_per_mb = cfg.num_envs // cfg.num_minibatches
+        clipfracs, approx_kls = [], []
+        pg_loss = v_loss = entropy_loss = approx_kl = torch.zeros((), device=dev)
+        for _epoch in range(cfg.update_epochs):
+            perm = torch.randperm(cfg.num_envs)
+            for start in range(0, cfg.num_envs, envs_per_mb):
+                mb = perm[start : start + envs_per_mb].to(dev)
+                newlogprob, entropy, newvalue = agent.evaluate_actions(b_obs[mb], self.state0[mb], b_starts[mb], b_actions[mb])
+                logratio = newlogprob - b_logprobs[mb]
+                ratio = logratio.exp()
+                with torch.no_grad():
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    approx_kls.append(approx_kl)
+                    clipfracs.append(((ratio - 1.0).abs() > cfg.clip_coef).float().mean())
+                mb_advantages = b_advantages[mb]
+                if cfg.norm_adv:
+                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+                # policy loss
+                pg_loss1 = -mb_advantages * ratio
+                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - cfg.clip_coef, 1 + cfg.clip_coef)
+                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+                # value loss
+                if cfg.clip_vloss:
+                    v_loss_unclipped = (newvalue - b_returns[mb]) ** 2
+                    v_clipped = b_values[mb] + torch.clamp(newvalue - b_values[mb], -cfg.clip_coef, cfg.clip_coef)
+                    v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - b_returns[mb]) ** 2).mean()
+                else:
+                    v_loss = 0.5 * ((newvalue - b_returns[mb]) ** 2).mean()
+                entropy_loss = entropy.mean()
+                loss = pg_loss - cfg.ent_coef * entropy_loss + v_loss * cfg.vf_coef
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"non-finite PPO loss at update {self.update + 1} (pg_loss={float(pg_loss.detach()):.4g}, "
+                        f"v_loss={float(v_loss.detach()):.4g}, entropy={float(entropy_loss.detach()):.4g})"
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+            if cfg.target_kl is not None and float(approx_kl) > cfg.target_kl:
+                break
+        y_pred, y_true = b_values.flatten(), b_returns.flatten()
+        var_y = y_true.var()
+        explained_var = float("nan") if var_y == 0 else float(1 - (y_true - y_pred).var() / var_y)
+        return {
+            "train/policy_loss": float(pg_loss.detach()),
+            "train/value_loss": float(v_loss.detach()),
+            "train/entropy_loss": -float(entropy_loss.detach()),
+            "train/approx_kl": float(torch.stack(approx_kls).mean()),
+            "train/clip_fraction": float(torch.stack(clipfracs).mean()),
+            "train/explained_variance": explained_var,
+            "train/learning_rate": self.optimizer.param_groups[0]["lr"],
+        }
+
+    def iterate(self) -> dict:
+        """One PPO iteration (rollout, GAE, update, memory end_update); returns every stat of it."""
+        if self.cfg.anneal_lr:
+            frac = 1.0 - self.update / self.num_updates
+            self.optimizer.param_groups[0]["lr"] = frac * self.cfg.learning_rate
+        rollout = self.collect_rollout()
+        advantages, returns = self.compute_advantages()
+        stats = self.train_step(advantages, returns)
+        mem_stats = self.agent.memory.end_update()
+        self.update += 1
+        stats.update(
+            {
+                "rollout/ep_rew_mean": float(np.mean(self.ep_returns)) if self.ep_returns else None,
+                "rollout/ep_len_mean": float(np.mean(self.ep_lengths)) if self.ep_lengths else None,
+                "memory/kv_fraction": mem_stats.get("kv_fraction"),
+                "memory/threshold": mem_stats.get("threshold"),
+                "memory/kv_len_mean": rollout["kv_len_mean"],
+            }
+        )
+        return stats
+
+    # ------------------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue exactly (at an update boundary)."""
+        return {
+            "update": self.update,
+            "global_step": self.global_step,
+            "agent": self.agent.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "venv": self.venv.state_dict(),
+            "memory_state": self.state.state_dict(),
+            "next_obs": self.next_obs.copy(),
+            "next_start": self.next_start.copy(),
+            "ep_returns": list(self.ep_returns),
+            "ep_lengths": list(self.ep_lengths),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+            "ppo_config": asdict(self.cfg),
+        }
+
+    def load_state_dict(self, data: dict) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self.update = int(data["update"])
+        self.global_step = int(data["global_step"])
+        self.agent.load_state_dict(data["agent"])
+        self.optimizer.load_state_dict(data["optimizer"])
+        self.venv.load_state_dict(data["venv"])
+        self.state = MemoryState.from_state_dict(data["memory_state"]).to(self.device)
+        self.next_obs = data["next_obs"].copy()
+        self.next_start = data["next_start"].copy()
+        self.ep_returns = deque(data["ep_returns"], maxlen=100)
+        self.ep_lengths = deque(data["ep_lengths"], maxlen=100)
+        rng = data["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])

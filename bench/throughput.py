@@ -1,0 +1,104 @@
+"""Training throughput, side by side in one process: our PPO with ham and with gru vs sb3-contrib RecurrentPPO (LSTM).
+
+Every contender trains for the same number of env steps, with the same env, number of envs, rollout length,
+memory size, minibatch count (--minibatches, 4), epochs (4), lr and entropy coefficient. Prints the median env-steps/s over the
+repeats (contenders interleaved so that machine load hits all alike) and the ratios to RecurrentPPO.
+
+    python bench/throughput.py                                   # 8 envs x 128 steps, 16384 steps, 3 repeats
+    python bench/throughput.py --num-envs 64 --steps 65536 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+
+# bench/ holds kernels.py, memory.py ...: keep them from shadowing the packages of the same name, and find the repo
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
+import numpy as np
+import torch
+
+
+def ours(memory: str, args) -> float:
+    from agents import PPO, PPOConfig, RecurrentActorCritic
+    from envs import VecEnv
+
+    torch.manual_seed(0)
+    venv = VecEnv(args.env, args.num_envs, seed=0)
+    cfg = PPOConfig(num_envs=args.num_envs, num_steps=args.num_steps, num_minibatches=args.minibatches, update_epochs=4,
+                    learning_rate=5e-4, ent_coef=0.01)  # fmt: skip
+    opts = {"num_heads": 4} if memory.startswith("ham") else {}
+    agent = RecurrentActorCritic(venv.feature_dim, venv.action_space, memory, args.hidden, opts)
+    ppo = PPO(agent, venv, cfg, total_timesteps=args.steps)
+    t = time.perf_counter()
+    while ppo.update < ppo.num_updates:
+        ppo.iterate()
+    return ppo.global_step / (time.perf_counter() - t)
+
+
+def recurrent_ppo(args) -> float:
+    import popgym  # noqa: F401  (registers the popgym ids)
+    from sb3_contrib import RecurrentPPO
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from envs import resolve_env_id
+
+    env = make_vec_env(resolve_env_id(args.env), n_envs=args.num_envs, seed=0)
+    model = RecurrentPPO(
+        "MlpLstmPolicy", env, n_steps=args.num_steps, batch_size=args.num_envs * args.num_steps // args.minibatches, n_epochs=4,
+        learning_rate=5e-4, ent_coef=0.01, seed=0, device="cpu",
+        policy_kwargs=dict(lstm_hidden_size=args.hidden, shared_lstm=True, enable_critic_lstm=False),
+    )  # fmt: skip
+    t = time.perf_counter()
+    model.learn(args.steps)
+    return model.num_timesteps / (time.perf_counter() - t)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env", default="popgym-repeat")
+    p.add_argument("--num-envs", type=int, default=8)
+    p.add_argument("--num-steps", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--minibatches", type=int, default=4, help="minibatches per epoch (RecurrentPPO: batch_size = envs*steps/this)")
+    p.add_argument("--steps", type=int, default=16384, help="env steps per contender per repeat")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads for every contender")
+    p.add_argument("--skip-sb3", action="store_true")
+    args = p.parse_args()
+    if args.steps < args.num_envs * args.num_steps:
+        p.error("--steps must be >= num_envs * num_steps")
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+
+    contenders = {"ours-ham": lambda: ours("ham", args), "ours-gru": lambda: ours("gru", args)}
+    if not args.skip_sb3:
+        contenders["sb3-RecurrentPPO-lstm"] = lambda: recurrent_ppo(args)
+    results: dict[str, list[float]] = {k: [] for k in contenders}
+    for r in range(args.repeats):
+        for name, fn in contenders.items():
+            results[name].append(fn())
+            print(f"repeat {r + 1}/{args.repeats} {name:24s} {results[name][-1]:10.0f} steps/s", flush=True)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print(f"\nenv={args.env} num_envs={args.num_envs} num_steps={args.num_steps} hidden={args.hidden} "
+          f"steps={args.steps} repeats={args.repeats} threads={args.threads}")  # fmt: skip
+    base = med.get("sb3-RecurrentPPO-lstm")
+    print(f"{'contender':24s} {'steps/s (median)':>18s} {'x RecurrentPPO':>15s}")
+    for k, v in med.items():
+        ratio = f"{v / base:15.2f}" if base else f"{'-':>15s}"
+        print(f"{k:24s} {v:18.0f} {ratio}")
+    if base:
+        print(f"\nours-ham / RecurrentPPO = {med['ours-ham'] / base:.2f}x (target >= 10x); "
+              f"ours-gru / RecurrentPPO = {med['ours-gru'] / base:.2f}x")  # fmt: skip
+    _ = np
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Environment names: project aliases (``popgym-repeat``) and any registered gymnasium id (``popgym-RepeatFirstMedium-v0``)."""
+
+from __future__ import annotations
+
+import difflib
+
+import gymnasium as gym
+
+__all__ = ["ENV_ALIASES", "make_env", "resolve_env_id", "valid_env_names"]
+
+#: Short names used by ``configs/env/*.yaml`` and accepted anywhere a gymnasium id is.
+ENV_ALIASES: dict[str, str] = {
+    "popgym-repeat": "popgym-RepeatPreviousEasy-v0",
+    "popgym-repeat-first": "popgym-RepeatFirstEasy-v0",
+    "popgym-count-recall": "popgym-CountRecallEasy-v0",
+    "popgym-autoencode": "popgym-AutoencodeEasy-v0",
+    "popgym-higher-lower": "popgym-HigherLowerEasy-v0",
+    "popgym-bandit": "popgym-MultiarmedBanditEasy-v0",
+    "popgym-cartpole": "popgym-PositionOnlyCartPoleEasy-v0",
+    "popgym-battleship": "popgym-BattleshipEasy-v0",
+    "popgym-minesweeper": "popgym-MineSweeperEasy-v0",
+    "popgym-concentration": "popgym-ConcentrationEasy-v0",
+    "popgym-pendulum": "popgym-PositionOnlyPendulumEasy-v0",
+}
+
+
+def _register_popgym() -> None:
+    try:
+        import popgym  # noqa: F401  (registers the popgym-*-v0 ids)
+    except ImportError:  # pragma: no cover - popgym is a declared dependency
+        pass
+
+
+def valid_env_names() -> list[str]:
+    """Aliases plus every registered popgym id (any other registered gymnasium id is accepted too)."""
+    _register_popgym()
+    return sorted(ENV_ALIASES) + sorted(i for i in gym.registry if i.startswith("popgym-"))
+
+
+def resolve_env_id(name: str) -> str:
+    """Map an alias or a gymnasium id to a registered gymnasium id.
+
+    :raises ValueError: for a name that is neither an alias nor a registered id; the message lists the valid names.
+    """
+    _register_popgym()
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"env id must be a non-empty string, got {name!r}")
+    env_id = ENV_ALIASES.get(name, name)
+    if env_id in gym.registry:
+        return env_id
+    close = difflib.get_close_matches(name, valid_env_names(), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise ValueError(f"unknown env {name!r}{hint}; valid names: {', '.join(valid_env_names())}")
+
+
+def make_env(name: str, **kwargs) -> gym.Env:
+    """One gymnasium env (no env checker, no vector wrapper)."""
+    return gym.make(resolve_env_id(name), disable_env_checker=True, **kwargs)

@@ -1,0 +1,161 @@
+"""In-process vector env with same-step autoreset and the agent's input features.
+
+popgym envs step in microseconds, so subprocess vectorisation only adds overhead (notes §5.3: 7-8x slower);
+this is a plain Python loop over the envs, which also lets us control autoreset.
+
+Autoreset: when env b terminates or truncates at step t, its episode statistics are recorded, it is reset in the
+same call, and the features returned for b are those of the reset observation with ``starts[b] = True``. There is
+no "dead" transition (gymnasium 1.x vector envs default to NEXT_STEP autoreset, whose step after a done returns
+the reset observation with reward 0; we never produce that step). A truncation is treated like a termination
+(no bootstrap from the final observation); popgym envs never truncate.
+
+Features per env (``[B, feature_dim]`` float32): the encoded observation, then (switchable) the one-hot previous
+action and the previous reward; both are zero at the first step of an episode.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import numpy as np
+from gymnasium import spaces
+
+from envs.encoding import SpaceEncoder
+from envs.registry import make_env, resolve_env_id
+
+__all__ = ["VecEnv"]
+
+
+class VecEnv:
+    """``num_envs`` copies of one env, stepped in a loop.
+
+    :param env_id: alias or gymnasium id (see :func:`envs.resolve_env_id`)
+    :param num_envs: number of envs (>= 1)
+    :param seed: env i is reset with ``seed + i`` the first time; later resets continue each env's own RNG
+    :param prev_action: append the one-hot previous action to the features
+    :param prev_reward: append the previous reward to the features
+    """
+
+    def __init__(self, env_id: str, num_envs: int, seed: int = 0, prev_action: bool = True, prev_reward: bool = True):
+        if int(num_envs) < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        self.env_id = resolve_env_id(env_id)
+        self.num_envs = int(num_envs)
+        self.seed = int(seed)
+        self.envs = [make_env(self.env_id) for _ in range(self.num_envs)]
+        self.observation_space = self.envs[0].observation_space
+        self.action_space = self.envs[0].action_space
+        self.obs_encoder = SpaceEncoder(self.observation_space)
+        self.prev_action = bool(prev_action)
+        self.prev_reward = bool(prev_reward)
+        self.act_encoder = SpaceEncoder(self.action_space) if self.prev_action else None
+        self.obs_dim = self.obs_encoder.dim
+        self.act_dim = self.act_encoder.dim if self.act_encoder else 0
+        self.feature_dim = self.obs_dim + self.act_dim + int(self.prev_reward)
+        b = self.num_envs
+        self._features = np.zeros((b, self.feature_dim), dtype=np.float32)
+        self._starts = np.ones(b, dtype=bool)
+        self._ep_return = np.zeros(b, dtype=np.float64)
+        self._ep_length = np.zeros(b, dtype=np.int64)
+        self._obs: list[Any] = [None] * b
+        self._actions: list[Any] = [None] * b
+        self._rewards = np.zeros(b, dtype=np.float32)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def reset(self) -> tuple[np.ndarray, np.ndarray]:
+        """Reset every env (env i with ``seed + i``).
+
+        :return: features ``[B, feature_dim]`` float32 and starts ``[B]`` bool (all True)
+        """
+        for i, env in enumerate(self.envs):
+            self._obs[i], _ = env.reset(seed=self.seed + i)
+        self._starts[:] = True
+        self._ep_return[:] = 0.0
+        self._ep_length[:] = 0
+        self._rewards[:] = 0.0
+        return self._make_features(), self._starts.copy()
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, float, int]]]:
+        """Step every env with its action and autoreset finished ones in the same call.
+
+        :param actions: ``[B]`` ints (Discrete), ``[B, k]`` ints (MultiDiscrete) or ``[B, *shape]`` floats (Box)
+        :return: features ``[B, feature_dim]`` of the next observations, rewards ``[B]`` float32, dones ``[B]``
+            bool (the episode ended with this action; the next features start a new episode, so they equal the
+            next ``starts``), and finished episodes as ``(env_index, return, length)``
+        """
+        act_list = actions.tolist()
+        finished = []
+        dones = np.zeros(self.num_envs, dtype=bool)
+        for i, env in enumerate(self.envs):
+            obs, r, term, trunc, _ = env.step(act_list[i])
+            r = float(r)
+            self._rewards[i] = r
+            self._ep_return[i] += r
+            self._ep_length[i] += 1
+            if term or trunc:
+                dones[i] = True
+                finished.append((i, float(self._ep_return[i]), int(self._ep_length[i])))
+                self._ep_return[i] = 0.0
+                self._ep_length[i] = 0
+                obs, _ = env.reset()
+            self._obs[i] = obs
+        self._actions = act_list
+        rewards = self._rewards.copy()
+        self._starts = dones
+        return self._make_features(actions), rewards, dones.copy(), finished
+
+    def _make_features(self, actions: np.ndarray | None = None) -> np.ndarray:
+        f = self._features
+        self.obs_encoder(self._obs, out=f[:, : self.obs_dim])
+        col = self.obs_dim
+        if self.act_encoder is not None:
+            if actions is None:
+                f[:, col : col + self.act_dim] = 0.0
+            else:
+                self.act_encoder(self._encodable_actions(actions), out=f[:, col : col + self.act_dim])
+            col += self.act_dim
+        if self.prev_reward:
+            f[:, col] = self._rewards
+        # a new episode has no previous action or reward
+        if self.feature_dim > self.obs_dim:
+            f[self._starts, self.obs_dim :] = 0.0
+        return f.copy()
+
+    def _encodable_actions(self, actions: np.ndarray) -> list:
+        if isinstance(self.action_space, spaces.Box):
+            return list(np.asarray(actions, dtype=np.float32).reshape(self.num_envs, -1))
+        return list(np.asarray(actions))
+
+    # ------------------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly: the pickled envs (with their RNGs) and the per-env counters."""
+        return {
+            "env_id": self.env_id,
+            "num_envs": self.num_envs,
+            "envs": pickle.dumps(self.envs),
+            "obs": pickle.dumps(self._obs),
+            "features": self._features.copy(),
+            "starts": self._starts.copy(),
+            "ep_return": self._ep_return.copy(),
+            "ep_length": self._ep_length.copy(),
+            "rewards": self._rewards.copy(),
+        }
+
+    def load_state_dict(self, data: dict) -> None:
+        """Restore what :meth:`state_dict` saved (same env id and number of envs)."""
+        if data["env_id"] != self.env_id or data["num_envs"] != self.num_envs:
+            raise ValueError(
+                f"env state is for {data['env_id']} x{data['num_envs']}, this VecEnv is {self.env_id} x{self.num_envs}"
+            )
+        self.envs = pickle.loads(data["envs"])
+        self._obs = pickle.loads(data["obs"])
+        self._features = data["features"].copy()
+        self._starts = data["starts"].copy()
+        self._ep_return = data["ep_return"].copy()
+        self._ep_length = data["ep_length"].copy()
+        self._rewards = data["rewards"].copy()
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()

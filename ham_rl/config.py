@@ -1,0 +1,99 @@
+"""Config checks shared by ``ham_rl.train`` and ``ham_rl.evaluate``: the root keys, the memory group, config diffs.
+
+The config itself lives in ``configs/`` (Hydra); PPO hyperparameters are checked by ``agents.PPOConfig``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = [
+    "CONFIG_DIR",
+    "ConfigError",
+    "RESUME_MAY_CHANGE",
+    "config_diff",
+    "memory_kwargs",
+    "resolve_device",
+    "validate_root",
+]
+
+#: configs/ at the repository root (next to the ham_rl package, also in an editable install)
+CONFIG_DIR = (Path(__file__).resolve().parent.parent / "configs").resolve()
+
+#: keys that may differ between a run and its resumption (they do not change what is computed)
+RESUME_MAY_CHANGE = frozenset(
+    {"resume", "run_dir", "device", "torch_threads", "progress", "tensorboard", "checkpoint_every", "stop_after_updates"}
+)
+
+
+class ConfigError(ValueError):
+    """A user error in the config or command line; printed as one line."""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_root(cfg: DictConfig) -> None:
+    """Check the root keys of the train config; raise ConfigError naming the bad value."""
+    if not _is_int(cfg.seed) or cfg.seed < 0:
+        raise ConfigError(f"seed must be an int >= 0, got {cfg.seed!r}")
+    if not _is_int(cfg.total_timesteps) or cfg.total_timesteps <= 0:
+        raise ConfigError(f"total_timesteps must be an int > 0, got {cfg.total_timesteps!r}")
+    if not _is_int(cfg.checkpoint_every) or cfg.checkpoint_every < 1:
+        raise ConfigError(f"checkpoint_every must be an int >= 1, got {cfg.checkpoint_every!r}")
+    if cfg.stop_after_updates is not None and (not _is_int(cfg.stop_after_updates) or cfg.stop_after_updates < 1):
+        raise ConfigError(f"stop_after_updates must be null or an int >= 1, got {cfg.stop_after_updates!r}")
+    if not _is_int(cfg.torch_threads) or cfg.torch_threads < 0:
+        raise ConfigError(f"torch_threads must be an int >= 0 (0 = torch default), got {cfg.torch_threads!r}")
+    resolve_device(cfg.device)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``cpu``, ``cuda`` (must be available) or ``auto`` (cuda when available)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu" or (isinstance(device, str) and device.startswith("cuda")):
+        if device != "cpu" and not torch.cuda.is_available():
+            raise ConfigError(f"device={device} was asked for but CUDA is not available; use device=cpu or device=auto")
+        return torch.device(device)
+    raise ConfigError(f"device must be one of cpu, cuda, auto, got {device!r}")
+
+
+def memory_kwargs(memory_cfg: DictConfig) -> tuple[str, int, dict]:
+    """Split the memory group into ``(name, hidden_size, options for make_memory)``; None options are dropped."""
+    mem = OmegaConf.to_container(memory_cfg, resolve=True)
+    name, hidden = mem.pop("name", None), mem.pop("hidden_size", None)
+    if not isinstance(name, str):
+        raise ConfigError(f"memory.name must be a string, got {name!r}")
+    if not _is_int(hidden) or hidden < 1:
+        raise ConfigError(f"memory.hidden_size must be an int >= 1, got {hidden!r}")
+    if isinstance(mem.get("threshold"), list):
+        raise ConfigError("memory.threshold is a list; a threshold sweep is for ham_rl.evaluate, training takes one value")
+    return name, hidden, {k: v for k, v in mem.items() if v is not None}
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_diff(saved: DictConfig | dict, given: DictConfig | dict, ignore: frozenset[str] = RESUME_MAY_CHANGE) -> list[str]:
+    """``key: saved -> given`` for every leaf that differs (keys in ``ignore`` and their children skipped)."""
+    a = _flatten(OmegaConf.to_container(saved, resolve=True) if isinstance(saved, DictConfig) else saved)
+    b = _flatten(OmegaConf.to_container(given, resolve=True) if isinstance(given, DictConfig) else given)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key.split(".")[0] in ignore:
+            continue
+        if a.get(key, "<missing>") != b.get(key, "<missing>"):
+            out.append(f"{key}: {a.get(key, '<missing>')!r} -> {b.get(key, '<missing>')!r}")
+    return out

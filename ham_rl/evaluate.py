@@ -1,0 +1,183 @@
+"""Score a trained run again, optionally at other thresholds tau (HAM family), without retraining.
+
+    python -m ham_rl.evaluate <run dir>                                 # at the trained tau, 100 episodes
+    python -m ham_rl.evaluate <run dir> memory.threshold=0.3 episodes=200
+    python -m ham_rl.evaluate <run dir> memory.threshold=[0.1,0.3,0.6]  # sweep: writes sweep.csv and sweep.png
+
+Other keys: num_envs (parallel eval envs), seed (eval env seed; default: the run's seed + 1000, so the episodes
+differ from training's), deterministic (argmax actions, default true), device, torch_threads.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from agents import RecurrentActorCritic
+from envs import VecEnv
+from ham_rl.checkpoint import CheckpointError, load_checkpoint
+from ham_rl.config import ConfigError, memory_kwargs, resolve_device
+
+__all__ = ["evaluate_policy", "evaluate_run", "main"]
+
+EVAL_KEYS = ("memory.threshold", "episodes", "num_envs", "seed", "deterministic", "device", "torch_threads")
+
+
+def evaluate_policy(agent: RecurrentActorCritic, venv: VecEnv, episodes: int, deterministic: bool = True,
+                    device: torch.device | str = "cpu") -> list[float]:  # fmt: skip
+    """Returns of ``episodes`` complete episodes; env i contributes ``episodes // B`` (+1 for the first remainder).
+
+    Each env's quota is fixed up front, so short episodes are not over-represented.
+    """
+    b = venv.num_envs
+    quota = np.array([episodes // b + (1 if i < episodes % b else 0) for i in range(b)])
+    got: list[list[float]] = [[] for _ in range(b)]
+    x, start = venv.reset()
+    state = agent.initial_state(b, device=device)
+    with torch.no_grad():
+        while any(len(got[i]) < quota[i] for i in range(b)):
+            action, _, _, state = agent.step(torch.from_numpy(x).to(device), state, torch.from_numpy(start).to(device),
+                                             deterministic=deterministic)  # fmt: skip
+            x, _, start, finished = venv.step(agent.action_head.to_env(action))
+            for i, ret, _ in finished:
+                if len(got[i]) < quota[i]:
+                    got[i].append(ret)
+    return [r for rs in got for r in rs]
+
+
+def _parse(argv: list[str]) -> tuple[Path, dict]:
+    if not argv or argv[0].startswith("-") or "=" in argv[0]:
+        raise ConfigError("usage: python -m ham_rl.evaluate <run dir> [memory.threshold=TAU|[T1,T2,...]] [episodes=N] ...")
+    run_dir = Path(argv[0])
+    try:
+        over = OmegaConf.to_container(OmegaConf.from_dotlist(argv[1:]))
+    except Exception as e:  # noqa: BLE001 - omegaconf grammar errors
+        raise ConfigError(f"cannot parse overrides {argv[1:]}: {str(e).splitlines()[0]}") from e
+    flat = {}
+    for k, v in over.items():
+        if k == "memory" and isinstance(v, dict):
+            flat.update({f"memory.{kk}": vv for kk, vv in v.items()})
+        else:
+            flat[k] = v
+    unknown = sorted(set(flat) - set(EVAL_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown evaluate option(s) {', '.join(unknown)}; allowed: {', '.join(EVAL_KEYS)}")
+    return run_dir, flat
+
+
+def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool = False) -> list[dict]:
+    """Evaluate the last checkpoint of ``run_dir`` at one or several thresholds.
+
+    :param options: keys of ``EVAL_KEYS``; ``memory.threshold`` may be a float or a list of floats
+    :return: one dict per threshold: threshold, mean_return, std_return, kv_fraction, episodes
+    """
+    run_dir, opts = Path(run_dir), dict(options or {})
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a ham_rl run directory (no config.yaml)")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    episodes = opts.get("episodes", 100)
+    if not isinstance(episodes, int) or isinstance(episodes, bool) or episodes < 1:
+        raise ConfigError(f"episodes must be an int >= 1, got {episodes!r}")
+    num_envs = opts.get("num_envs", min(episodes, int(cfg.agent.num_envs)))
+    if not isinstance(num_envs, int) or isinstance(num_envs, bool) or num_envs < 1:
+        raise ConfigError(f"num_envs must be an int >= 1, got {num_envs!r}")
+    seed = opts.get("seed", int(cfg.seed) + 1000)
+    deterministic = bool(opts.get("deterministic", True))
+    device = resolve_device(opts.get("device", "cpu"))
+    if opts.get("torch_threads"):
+        torch.set_num_threads(int(opts["torch_threads"]))
+
+    venv = VecEnv(cfg.env.id, num_envs, seed=seed, prev_action=cfg.env.prev_action, prev_reward=cfg.env.prev_reward)
+    name, hidden, mem_options = memory_kwargs(cfg.memory)
+    agent = RecurrentActorCritic(venv.feature_dim, venv.action_space, name, hidden, mem_options,
+                                 embed_size=int(cfg.agent.embed_size), head_size=int(cfg.agent.head_size)).to(device)  # fmt: skip
+    try:
+        agent.load_state_dict(ckpt["ppo"]["agent"])
+    except (KeyError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint of {run_dir} does not fit its config.yaml: {str(e).splitlines()[0]}") from e
+    agent.eval()
+    mem = agent.memory
+    trained_tau = mem.threshold
+    taus = opts.get("memory.threshold", trained_tau)
+    taus = list(taus) if isinstance(taus, (list, tuple)) else [taus]
+    if trained_tau is None and any(t is not None for t in taus):
+        raise ConfigError(f"memory {name!r} has no threshold (no router); drop memory.threshold")
+    results = []
+    for tau in taus:
+        if tau is not None:
+            if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+                raise ConfigError(f"memory.threshold must be a number or a list of numbers, got {tau!r}")
+            mem.set_threshold(float(tau))
+        mem.end_update()  # reset the routing counters
+        torch.manual_seed(seed)
+        returns = evaluate_policy(agent, venv, episodes, deterministic=deterministic, device=device)
+        stats = mem.end_update()
+        if tau is not None:
+            mem.set_threshold(float(tau))  # undo a target-fraction feedback step
+        res = {
+            "threshold": None if tau is None else float(tau),
+            "mean_return": float(np.mean(returns)),
+            "std_return": float(np.std(returns)),
+            "kv_fraction": stats.get("kv_fraction"),
+            "episodes": len(returns),
+        }
+        results.append(res)
+        if not quiet:
+            kv = "-" if res["kv_fraction"] is None else f"{res['kv_fraction']:.4f}"
+            tau_s = "-" if tau is None else f"{float(tau):g}"
+            print(f"{name} {cfg.env.id} threshold={tau_s}: mean return {res['mean_return']:.4f} "
+                  f"± {res['std_return']:.4f} (std over {res['episodes']} episodes), kv_fraction {kv}")  # fmt: skip
+    venv.close()
+    if len(results) > 1:
+        _write_sweep(run_dir, results, title=f"{name} on {cfg.env.id}")
+        if not quiet:
+            print(f"wrote {run_dir / 'sweep.csv'} and {run_dir / 'sweep.png'}")
+    return results
+
+
+def _write_sweep(run_dir: Path, results: list[dict], title: str) -> None:
+    cols = ["threshold", "mean_return", "std_return", "kv_fraction", "episodes"]
+    with open(run_dir / "sweep.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for r in results:
+            w.writerow(["" if r[c] is None else r[c] for c in cols])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    xs = [r["kv_fraction"] if r["kv_fraction"] is not None else math.nan for r in results]
+    ax.errorbar(xs, [r["mean_return"] for r in results], yerr=[r["std_return"] for r in results], marker="o", capsize=3)
+    for x, r in zip(xs, results):
+        ax.annotate(f"τ={r['threshold']:g}", (x, r["mean_return"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("KV fraction (stored / seen tokens)")
+    ax.set_ylabel("mean episodic return")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run_dir / "sweep.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: ``python -m ham_rl.evaluate <run dir> [key=value ...]``."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        run_dir, opts = _parse(argv)
+        evaluate_run(run_dir, opts)
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""Train a recurrent PPO agent whose memory is HAM (or any memory of the family) on a POPGym task.
+
+    python -m ham_rl.train env=popgym-repeat                        # HAM on RepeatPreviousEasy, 300k steps
+    python -m ham_rl.train env.id=popgym-RepeatFirstMedium-v0 memory=gru seed=3
+    python -m ham_rl.train --multirun memory=ham,gru seed=0,1,2     # one run dir per job under multirun/
+    python -m ham_rl.train resume=runs/2026-11-21/12-00-00_ham_s0    # continue exactly from the last checkpoint
+
+The run directory (format in ham_rl/runlog.py) gets config.yaml, metrics.csv, summary.json, checkpoints/, tb/.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from agents import PPO, NonFiniteLossError, PPOConfig, RecurrentActorCritic
+from envs import VecEnv, resolve_env_id
+from ham_rl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ham_rl.config import ConfigError, config_diff, memory_kwargs, resolve_device, validate_root
+from ham_rl.runlog import MetricsCSV, summarise, write_json_atomic
+
+__all__ = ["TrainingStopped", "build", "main", "prepare_config", "train"]
+
+
+def _run_dir_resolver(resume, run_dir, default) -> str:
+    """hydra.run.dir: the resumed run's dir, else an explicit run_dir, else the timestamped default."""
+    return str(resume) if resume else (str(run_dir) if run_dir else str(default))
+
+
+OmegaConf.register_new_resolver("ham_rl_run_dir", _run_dir_resolver, replace=True)
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on a non-finite loss; the last good checkpoint is kept."""
+
+
+def prepare_config(cfg: DictConfig) -> tuple[DictConfig, PPOConfig]:
+    """A plain (unstructured) copy of ``cfg`` with env.id resolved to the gymnasium id, plus the checked PPOConfig.
+
+    :raises ConfigError: for any bad value (one line, naming the value and the allowed ones)
+    """
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    validate_root(cfg)
+    try:
+        cfg.env.id = resolve_env_id(cfg.env.id)
+        ppo_cfg = PPOConfig.from_dict(OmegaConf.to_container(cfg.agent))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from e
+    if cfg.total_timesteps < ppo_cfg.batch_size:
+        raise ConfigError(
+            f"total_timesteps ({cfg.total_timesteps}) must be >= agent.num_envs * agent.num_steps ({ppo_cfg.batch_size})"
+        )
+    memory_kwargs(cfg.memory)
+    return cfg, ppo_cfg
+
+
+def build(cfg: DictConfig, ppo_cfg: PPOConfig, device: torch.device) -> PPO:
+    """Seed everything, then build the vector env, the agent and the PPO trainer."""
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    venv = VecEnv(cfg.env.id, ppo_cfg.num_envs, seed=cfg.seed, prev_action=cfg.env.prev_action, prev_reward=cfg.env.prev_reward)
+    name, hidden, options = memory_kwargs(cfg.memory)
+    try:
+        agent = RecurrentActorCritic(
+            venv.feature_dim, venv.action_space, name, hidden, options, embed_size=ppo_cfg.embed_size, head_size=ppo_cfg.head_size
+        ).to(device)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e).splitlines()[0]) from e
+    return PPO(agent, venv, ppo_cfg, cfg.total_timesteps, device=device)
+
+
+def _fmt(v, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _print_summary(summary: dict, run_dir: Path) -> None:
+    rows = [(k, _fmt(v) if isinstance(v, float) else str(v)) for k, v in summary.items()]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"run summary: {run_dir}")
+        table.add_column("key")
+        table.add_column("value", justify="right")
+        for k, v in rows:
+            table.add_row(k, v)
+        Console().print(table)
+    except ImportError:  # pragma: no cover - rich is installed with the project
+        print(f"run summary: {run_dir}")
+        for k, v in rows:
+            print(f"  {k:16s} {v}")
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run (or resume) one training run as configured; returns the summary (written to summary.json at the end).
+
+    :raises ConfigError: bad config, unknown env/memory, resume dir with another config (nothing written)
+    :raises CheckpointError: missing or corrupt checkpoint on resume (nothing written)
+    :raises TrainingStopped: non-finite loss (the last good checkpoint is kept, no new one written)
+    """
+    cfg, ppo_cfg = prepare_config(cfg)
+    device = resolve_device(cfg.device)
+    if cfg.resume is None and cfg.run_dir is None:
+        raise ConfigError("run_dir is not set (the CLI sets it to Hydra's output dir)")
+    run_dir = Path(cfg.resume or cfg.run_dir)
+    ckpt_path = run_dir / "checkpoints" / "last.pt"
+    ckpt = None
+    if cfg.resume is not None:
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"resume={run_dir}: no config.yaml there, not a ham_rl run directory")
+        saved = OmegaConf.load(run_dir / "config.yaml")
+        diff = config_diff(saved, cfg)
+        if diff:
+            raise ConfigError(f"resume={run_dir} was run with another config: {'; '.join(diff)} (saved -> given)")
+        ckpt = load_checkpoint(ckpt_path)
+    elif (run_dir / "config.yaml").exists() or ckpt_path.exists():
+        raise ConfigError(f"{run_dir} already holds a run; continue it with resume={run_dir} or choose another run_dir")
+    cfg.run_dir = str(run_dir)
+
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    ppo = build(cfg, ppo_cfg, device)
+    num_params = sum(p.numel() for p in ppo.agent.parameters())
+    elapsed_before = 0.0
+    if ckpt is not None:
+        try:
+            ppo.load_state_dict(ckpt["ppo"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {ckpt_path} does not fit this config: {str(e).splitlines()[0]}") from e
+        elapsed_before = float(ckpt["elapsed_s"])
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+
+    metrics = MetricsCSV(run_dir / "metrics.csv", resume_step=ppo.global_step if ckpt is not None else None)
+    writer = None
+    if cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=ppo.global_step + 1 if ckpt is not None else None)
+        if ckpt is None:
+            writer.add_text("config", "```\n" + OmegaConf.to_yaml(cfg) + "\n```")
+
+    from tqdm.auto import tqdm
+
+    pbar = tqdm(total=ppo.num_updates * ppo_cfg.batch_size, initial=ppo.global_step, unit="step", unit_scale=True,
+                disable=not cfg.progress, dynamic_ncols=True, desc=f"{cfg.memory.name} {cfg.env.id}")  # fmt: skip
+
+    def checkpoint(t_now: float) -> None:
+        save_checkpoint(
+            {"config": OmegaConf.to_container(cfg), "ppo": ppo.state_dict(), "elapsed_s": elapsed_before + t_now - t0,
+             "num_params": num_params},
+            ckpt_path,
+        )  # fmt: skip
+
+    t0 = time.perf_counter()
+    start_step, updates_here = ppo.global_step, 0
+    try:
+        while ppo.update < ppo.num_updates:
+            try:
+                stats = ppo.iterate()
+            except NonFiniteLossError as e:
+                where = f"last good checkpoint: {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
+                raise TrainingStopped(f"{e}; run stopped, {where}") from e
+            updates_here += 1
+            now = time.perf_counter()
+            fps = (ppo.global_step - start_step) / max(now - t0, 1e-9)
+            stats["time/fps"] = fps
+            metrics.append(
+                {"global_step": ppo.global_step, "time_s": elapsed_before + now - t0, "ep_rew_mean": stats["rollout/ep_rew_mean"],
+                 "ep_len_mean": stats["rollout/ep_len_mean"], "fps": fps, "kv_fraction": stats["memory/kv_fraction"],
+                 "kv_len_mean": stats["memory/kv_len_mean"], "threshold": stats["memory/threshold"]}
+            )  # fmt: skip
+            if writer is not None:
+                for k, v in stats.items():
+                    if v is not None and np.isfinite(v):
+                        writer.add_scalar(k, v, ppo.global_step)
+            pbar.update(ppo_cfg.batch_size)
+            pbar.set_postfix(ret=_fmt(stats["rollout/ep_rew_mean"]), sps=f"{fps:.0f}", refresh=False)
+            stop = cfg.stop_after_updates is not None and updates_here >= cfg.stop_after_updates
+            if ppo.update % cfg.checkpoint_every == 0 or ppo.update == ppo.num_updates or stop:
+                checkpoint(time.perf_counter())
+            if stop and ppo.update < ppo.num_updates:
+                pbar.close()
+                print(f"stopped after {updates_here} updates at step {ppo.global_step}; continue with resume={run_dir}")
+                return {"global_step": ppo.global_step, "stopped": True}
+    finally:
+        pbar.close()
+        if writer is not None:
+            writer.close()
+        ppo.venv.close()
+
+    summary = summarise(
+        MetricsCSV.read(run_dir / "metrics.csv"), env=cfg.env.id, memory=cfg.memory.name, seed=cfg.seed,
+        total_timesteps=cfg.total_timesteps, num_params=num_params, threshold=ppo.agent.memory.threshold,
+    )  # fmt: skip
+    write_json_atomic(summary, run_dir / "summary.json")
+    if cfg.progress:
+        _print_summary(summary, run_dir)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+def main(cfg: DictConfig) -> None:
+    """CLI entry point (Hydra): ``python -m ham_rl.train [group=option ...] [key=value ...]``."""
+    if cfg.resume is None and cfg.run_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        cfg.run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        train(cfg)
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""envs/: names, space encoders, vector env autoreset and features, exact state round trip."""
+
+import numpy as np
+import pytest
+from gymnasium import spaces
+
+from envs import ENV_ALIASES, SpaceEncoder, VecEnv, resolve_env_id
+
+
+def test_aliases_and_ids_resolve():
+    assert resolve_env_id("popgym-repeat") == "popgym-RepeatPreviousEasy-v0"
+    assert resolve_env_id("popgym-RepeatFirstMedium-v0") == "popgym-RepeatFirstMedium-v0"
+    for alias in ENV_ALIASES:
+        resolve_env_id(alias)
+
+
+def test_unknown_env_lists_valid_names():
+    with pytest.raises(ValueError, match="unknown env 'popgym-nope'.*popgym-repeat.*popgym-RepeatPreviousEasy-v0") as e:
+        resolve_env_id("popgym-nope")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "space, samples, expected",
+    [
+        pytest.param(spaces.Discrete(3), [0, 2], [[1, 0, 0], [0, 0, 1]], id="discrete"),
+        pytest.param(spaces.Discrete(2, start=1), [1, 2], [[1, 0], [0, 1]], id="discrete-start"),
+        pytest.param(spaces.MultiDiscrete([2, 3]), [[1, 0], [0, 2]], [[0, 1, 1, 0, 0], [1, 0, 0, 0, 1]], id="multidiscrete"),
+        pytest.param(spaces.MultiBinary(3), [[1, 0, 1], [0, 0, 0]], [[1, 0, 1], [0, 0, 0]], id="multibinary"),
+        pytest.param(spaces.Box(-1, 1, (2, 2)), [np.full((2, 2), 0.5), np.eye(2)], [[0.5] * 4, [1, 0, 0, 1]], id="box-2d"),
+        pytest.param(spaces.Tuple((spaces.Discrete(2), spaces.Box(-1, 1, (1,)))), [(1, [0.25]), (0, [-1.0])],
+                     [[0, 1, 0.25], [1, 0, -1]], id="tuple"),  # fmt: skip
+        pytest.param(spaces.Dict({"a": spaces.Discrete(2), "b": spaces.MultiDiscrete([2])}), [{"a": 0, "b": [1]}, {"a": 1, "b": [0]}],
+                     [[1, 0, 0, 1], [0, 1, 1, 0]], id="dict"),  # fmt: skip
+    ],
+)
+def test_space_encoder(space, samples, expected):
+    enc = SpaceEncoder(space)
+    out = enc(samples)
+    assert out.dtype == np.float32 and out.shape == (len(samples), enc.dim)
+    np.testing.assert_allclose(out, np.asarray(expected, dtype=np.float32))
+
+
+def test_space_encoder_rejects_unknown_space():
+    with pytest.raises(ValueError, match="supported: Discrete"):
+        SpaceEncoder(spaces.Text(5))
+
+
+@pytest.mark.parametrize(
+    "env_id", ["popgym-AutoencodeEasy-v0", "popgym-BattleshipEasy-v0", "popgym-ConcentrationEasy-v0",
+               "popgym-PositionOnlyPendulumEasy-v0", "popgym-CountRecallEasy-v0", "popgym-PositionOnlyCartPoleEasy-v0"],
+)  # fmt: skip
+def test_vecenv_runs_every_space_kind(env_id):
+    venv = VecEnv(env_id, 3, seed=0)
+    x, start = venv.reset()
+    assert x.shape == (3, venv.feature_dim) and start.all()
+    for _ in range(5):
+        a = np.stack([venv.action_space.sample() for _ in range(3)])
+        x, r, d, _ = venv.step(a)
+        assert x.shape == (3, venv.feature_dim) and r.shape == (3,) and d.dtype == bool
+
+
+def test_autoreset_same_step_and_prev_features():
+    # RepeatPreviousEasy episodes last 51 steps; obs Discrete(4), action Discrete(4) -> features 4 + 4 + 1
+    venv = VecEnv("popgym-repeat", 2, seed=0)
+    x, start = venv.reset()
+    assert venv.feature_dim == 9 and start.all() and (x[:, 4:] == 0).all()
+    x, r, d, fin = venv.step(np.array([1, 2]))
+    np.testing.assert_array_equal(x[:, 4:8], [[0, 1, 0, 0], [0, 0, 1, 0]])  # one-hot previous action
+    np.testing.assert_allclose(x[:, 8], r)  # previous reward
+    for t in range(2, 52):
+        x, r, d, fin = venv.step(np.array([0, 0]))
+        assert d.all() == (t == 51)
+    assert [(i, n) for i, _, n in fin] == [(0, 51), (1, 51)]
+    assert (x[:, 4:] == 0).all()  # reset observation of the next episode: no previous action/reward
+    x, r, d, fin = venv.step(np.array([3, 3]))
+    # a real transition right after the reset (no dead step): step 1 of the new episode, action seen as previous
+    assert not d.any() and (venv._ep_length == 1).all() and (x[:, 7] == 1).all()
+
+
+def test_prev_features_switchable():
+    assert VecEnv("popgym-repeat", 1, prev_action=False, prev_reward=False).feature_dim == 4
+    assert VecEnv("popgym-repeat", 1, prev_action=True, prev_reward=False).feature_dim == 8
+
+
+def test_state_dict_round_trip_is_exact():
+    a = VecEnv("popgym-repeat-first", 3, seed=5)
+    a.reset()
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        a.step(rng.integers(0, 4, 3))
+    b = VecEnv("popgym-repeat-first", 3, seed=99)
+    b.load_state_dict(a.state_dict())
+    for _ in range(100):
+        act = rng.integers(0, 4, 3)
+        xa, ra, da, fa = a.step(act)
+        xb, rb, db, fb = b.step(act)
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ra, rb)
+        assert fa == fb

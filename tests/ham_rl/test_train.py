@@ -1,0 +1,171 @@
+"""ham_rl.train / ham_rl.evaluate: run dir format, exact resume, bad input, NaN stop, CLI smoke runs."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from ham_rl.checkpoint import CheckpointError, load_checkpoint
+from ham_rl.config import CONFIG_DIR, ConfigError
+from ham_rl.evaluate import evaluate_run
+from ham_rl.runlog import METRICS_HEADER
+from ham_rl.train import TrainingStopped, train
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["agent.num_envs=4", "agent.num_steps=16", "agent.num_minibatches=2", "agent.update_epochs=2",
+        "agent.embed_size=16", "agent.head_size=16", "memory.hidden_size=16", "progress=false", "tensorboard=false"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def cfg_of(*overrides):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=[*TINY, "torch_threads=1", *overrides])
+
+
+def params(run_dir):
+    return load_checkpoint(Path(run_dir) / "checkpoints" / "last.pt")["ppo"]["agent"]
+
+
+def test_run_dir_format(tmp_path):
+    run = tmp_path / "run"
+    summary = train(cfg_of(f"run_dir={run}", "total_timesteps=192", "memory.num_heads=2", "tensorboard=true"))
+    for name in ("config.yaml", "metrics.csv", "summary.json", "checkpoints/last.pt", "tb"):
+        assert (run / name).exists(), name
+    rows = list(csv.reader(open(run / "metrics.csv")))
+    assert rows[0] == METRICS_HEADER and len(rows) == 1 + 3
+    assert rows[1][7] == "0.5"  # threshold of ham
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved == summary
+    assert set(saved) == {"env", "memory", "seed", "total_timesteps", "global_step", "num_params", "final_return", "mmer",
+                          "kv_fraction", "steps_per_s", "wall_time_s", "threshold"}  # fmt: skip
+    assert saved["env"] == "popgym-RepeatPreviousEasy-v0" and saved["memory"] == "ham" and saved["global_step"] == 192
+    assert "id: popgym-RepeatPreviousEasy-v0" in (run / "config.yaml").read_text()
+    # evaluate: one threshold, then a sweep writing sweep.csv / sweep.png
+    res = evaluate_run(run, {"episodes": 4, "memory.threshold": 0.2}, quiet=True)
+    assert res[0]["episodes"] == 4 and res[0]["threshold"] == 0.2 and res[0]["kv_fraction"] is not None
+    evaluate_run(run, {"episodes": 2, "memory.threshold": [0.0, 0.5, 2.0]}, quiet=True)
+    rows = list(csv.reader(open(run / "sweep.csv")))
+    assert rows[0] == ["threshold", "mean_return", "std_return", "kv_fraction", "episodes"] and len(rows) == 4
+    assert float(rows[1][3]) >= float(rows[3][3])  # a higher threshold stores fewer tokens
+    assert (run / "sweep.png").stat().st_size > 0
+    assert float(params(run)["memory.tau"]) == 0.5  # evaluate never writes the checkpoint
+
+
+@pytest.mark.parametrize("memory", ["gru", "ham"])
+def test_resume_continues_exactly(tmp_path, memory):
+    common = [f"memory={memory}", "total_timesteps=320", "checkpoint_every=1"]
+    if memory == "ham":
+        common += ["memory.num_heads=2", "memory.target_fraction=0.3"]  # tau moves: it must be restored too
+    train(cfg_of(f"run_dir={tmp_path / 'straight'}", *common))
+    out = train(cfg_of(f"run_dir={tmp_path / 'cut'}", "stop_after_updates=2", *common))
+    assert out["stopped"] and out["global_step"] == 128
+    train(cfg_of(f"resume={tmp_path / 'cut'}", *common))
+    a, b = params(tmp_path / "straight"), params(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    ra = list(csv.DictReader(open(tmp_path / "straight" / "metrics.csv")))
+    rb = list(csv.DictReader(open(tmp_path / "cut" / "metrics.csv")))
+    assert [(r["global_step"], r["ep_rew_mean"], r["threshold"]) for r in ra] == [
+        (r["global_step"], r["ep_rew_mean"], r["threshold"]) for r in rb
+    ]
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["env.id=popgym-Nope-v0"], "unknown env 'popgym-Nope-v0'.*popgym-repeat"),
+        (["memory.name=nope"], "unknown memory 'nope'; allowed: ham"),
+        (["+memory.bogus_option=1"], "unknown option"),
+        (["agent.learning_rate=-1"], "learning_rate"),
+        (["agent.num_minibatches=3"], "divisible"),
+        (["total_timesteps=10"], "total_timesteps"),
+        (["device=tpu"], "device"),
+        (["memory.threshold=[0.1,0.2]"], "sweep is for ham_rl.evaluate"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, overrides, match):
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=match) as e:
+        train(cfg_of(f"run_dir={run}", "total_timesteps=64", *overrides))
+    assert "\n" not in str(e.value)
+    assert not run.exists()
+
+
+def test_resume_errors_overwrite_nothing(tmp_path):
+    run = tmp_path / "run"
+    train(cfg_of(f"run_dir={run}", "memory=gru", "total_timesteps=128"))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="another config: agent.learning_rate"):
+        train(cfg_of(f"resume={run}", "memory=gru", "total_timesteps=128", "agent.learning_rate=0.1"))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(cfg_of(f"run_dir={run}", "memory=gru", "total_timesteps=128"))
+    with pytest.raises(ConfigError, match="no config.yaml"):
+        train(cfg_of(f"resume={tmp_path / 'missing'}", "memory=gru", "total_timesteps=128"))
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    (run / "checkpoints" / "last.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt checkpoint"):
+        train(cfg_of(f"resume={run}", "memory=gru", "total_timesteps=128"))
+    (run / "checkpoints" / "last.pt").unlink()
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        train(cfg_of(f"resume={run}", "memory=gru", "total_timesteps=128"))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    from agents.policy import RecurrentActorCritic
+
+    run = tmp_path / "run"
+    real = RecurrentActorCritic.evaluate_actions
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):
+        calls["n"] += 1
+        logp, ent, v = real(self, *a, **k)
+        return (logp, ent, v * float("nan")) if calls["n"] > 8 else (logp, ent, v)  # update 3 (4 minibatches each)
+
+    monkeypatch.setattr(RecurrentActorCritic, "evaluate_actions", poisoned)
+    with pytest.raises(TrainingStopped, match="non-finite PPO loss at update 3.*last good checkpoint"):
+        train(cfg_of(f"run_dir={run}", "memory=gru", "total_timesteps=640", "checkpoint_every=1"))
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["ppo"]["update"] == 2
+    assert not (run / "summary.json").exists()
+
+
+def _cli(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_smoke_train_evaluate_and_errors(tmp_path):
+    run = tmp_path / "cli_run"
+    p = _cli("-m", "ham_rl.train", "memory=gru", "total_timesteps=128", *TINY, f"run_dir={run}", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert json.loads((run / "summary.json").read_text())["global_step"] == 128
+    p = _cli("-m", "ham_rl.evaluate", str(run), "episodes=2", cwd=tmp_path)
+    assert p.returncode == 0 and "mean return" in p.stdout, p.stderr
+    p = _cli("-m", "ham_rl.train", "env.id=popgym-Nope-v0", f"run_dir={tmp_path / 'bad'}", cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "valid names" in p.stderr
+    assert not (tmp_path / "bad" / "config.yaml").exists()
+    p = _cli("-m", "ham_rl.evaluate", str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert p.returncode == 2 and "not a ham_rl run directory" in p.stderr
+
+
+def test_cli_multirun_one_dir_per_job(tmp_path):
+    p = _cli("-m", "ham_rl.train", "--multirun", "memory=gru,mlp", "seed=0,1", "total_timesteps=64", *TINY,
+             f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    dirs = sorted(d.name for d in (tmp_path / "sweep").iterdir() if d.is_dir())
+    assert dirs == ["0_gru_s0", "1_gru_s1", "2_mlp_s0", "3_mlp_s1"]
+    assert all((tmp_path / "sweep" / d / "summary.json").exists() for d in dirs)
