@@ -1,0 +1,21 @@
+"""HAM (or any memory of the ham_rl family) as the memory of sb3-contrib's RecurrentPPO.
+
+>>> from ham_rl.sb3 import HAMRecurrentPPO
+>>> model = HAMRecurrentPPO("MlpHamPolicy", "popgym-RepeatPreviousEasy-v0", policy_kwargs=dict(memory="ham"))
+"""
+
+from agents.sb3.buffers import HAMDictRolloutBuffer, HAMRolloutBuffer
+from agents.sb3.policies import HAMActorCriticCnnPolicy, HAMActorCriticPolicy, HAMMultiInputActorCriticPolicy
+from agents.sb3.ppo import CnnHamPolicy, HAMRecurrentPPO, MlpHamPolicy, MultiInputHamPolicy
+
+__all__ = [
+    "CnnHamPolicy",
+    "HAMActorCriticCnnPolicy",
+    "HAMActorCriticPolicy",
+    "HAMDictRolloutBuffer",
+    "HAMMultiInputActorCriticPolicy",
+    "HAMRecurrentPPO",
+    "HAMRolloutBuffer",
+    "MlpHamPolicy",
+    "MultiInputHamPolicy",
+]

@@ -1,0 +1,298 @@
+"""HAMRecurrentPPO: sb3-contrib's RecurrentPPO with HAM (or any memory of the ham_rl family) in place of the LSTM.
+
+What changes against RecurrentPPO, and why:
+
+- the policy builds ``ham_rl.make_memory(...)`` memories instead of nn.LSTMs (:mod:`agents.sb3.policies`);
+- the rollout buffer stores each env's memory state once, at the start of the rollout, and minibatches are whole
+  env rows, so training runs one memory call per minibatch over all ``n_steps`` steps (:mod:`agents.sb3.buffers`);
+- ``collect_rollouts`` keeps a copy of the state the rollout starts from (the memories' step form writes into its
+  state in place) and indexes the state per env on time-limit truncation;
+- after each update, ``end_update()`` of every memory applies HAM's threshold feedback; its stats are logged as
+  ``memory/kv_fraction`` and ``memory/threshold`` (``memory/critic_*`` for the critic's memory), with
+  ``memory/kv_len_mean``, the mean cache length at episode end.
+
+``train()``, ``learn()``, ``save()`` and ``load()`` are RecurrentPPO's.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, TypeVar
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from sb3_contrib import RecurrentPPO
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.type_aliases import MaybeCallback
+from stable_baselines3.common.utils import FloatSchedule, obs_as_tensor
+from stable_baselines3.common.vec_env import VecEnv
+
+from agents.sb3.buffers import HAMDictRolloutBuffer, HAMRolloutBuffer, envs_per_minibatch
+from agents.sb3.policies import (
+    LSTM_ARGUMENTS,
+    HAMActorCriticCnnPolicy,
+    HAMActorCriticPolicy,
+    HAMMultiInputActorCriticPolicy,
+    clone_states,
+)
+
+__all__ = ["CnnHamPolicy", "HAMRecurrentPPO", "MlpHamPolicy", "MultiInputHamPolicy"]
+
+MlpHamPolicy = HAMActorCriticPolicy
+CnnHamPolicy = HAMActorCriticCnnPolicy
+MultiInputHamPolicy = HAMMultiInputActorCriticPolicy
+
+SelfHAMRecurrentPPO = TypeVar("SelfHAMRecurrentPPO", bound="HAMRecurrentPPO")
+
+
+class HAMRecurrentPPO(RecurrentPPO):
+    """
+    Recurrent PPO (sb3-contrib's RecurrentPPO, clip version) whose policy memory is HAM or any memory of the
+    ham_rl family: ``HAMRecurrentPPO("MlpHamPolicy", env, policy_kwargs=dict(memory="ham", hidden_size=128))``.
+
+    RecurrentPPO: https://sb3-contrib.readthedocs.io/en/master/modules/ppo_recurrent.html
+    Whole-row minibatches with the state kept at rollout start follow CleanRL's ``ppo_atari_lstm.py``.
+
+    Takes RecurrentPPO's parameters, with two differences in meaning:
+
+    - ``batch_size`` is rounded to whole env rows: each minibatch holds ``batch_size // n_steps`` envs' complete
+      rollouts (at least 1, at most ``n_envs``), so choose ``batch_size`` as a multiple of ``n_steps`` and
+      ``n_envs`` as a multiple of the rows per minibatch (otherwise a warning gives the numbers);
+    - ``policy_kwargs`` takes ``memory``, ``memory_kwargs``, ``hidden_size``, ``shared_memory`` and
+      ``enable_critic_memory`` instead of the LSTM arguments (see :class:`HAMActorCriticPolicy`).
+
+    The state of ``predict`` is an opaque ``MemoryState``: pass back what the last call returned, None to start
+    fresh. It is not saved by ``save()`` (as RecurrentPPO's LSTM state is not).
+
+    :param policy: The policy model to use ("MlpHamPolicy", "CnnHamPolicy", "MultiInputHamPolicy" or a subclass of
+        HAMActorCriticPolicy)
+    :param env: The environment to learn from (if registered in Gym, can be str)
+    :param learning_rate: The learning rate, it can be a function of the current progress remaining (from 1 to 0)
+    :param n_steps: The number of steps to run for each environment per update (the length of an env row)
+    :param batch_size: Minibatch size in steps, rounded to whole env rows (``batch_size // n_steps`` envs)
+    :param n_epochs: Number of epoch when optimizing the surrogate loss
+    :param gamma: Discount factor
+    :param gae_lambda: Factor for trade-off of bias vs variance for Generalized Advantage Estimator
+    :param clip_range: Clipping parameter, it can be a function of the current progress remaining (from 1 to 0)
+    :param clip_range_vf: Clipping parameter for the value function (None: no clipping)
+    :param normalize_advantage: Whether to normalize or not the advantage
+    :param ent_coef: Entropy coefficient for the loss calculation
+    :param vf_coef: Value function coefficient for the loss calculation
+    :param max_grad_norm: The maximum value for the gradient clipping
+    :param use_sde: Whether to use generalized State Dependent Exploration (gSDE)
+    :param sde_sample_freq: Sample a new noise matrix every n steps when using gSDE (-1: only at rollout start)
+    :param target_kl: Limit the KL divergence between updates (None: no limit)
+    :param stats_window_size: Window size for the rollout logging (episodes averaged)
+    :param tensorboard_log: the log location for tensorboard (if None, no logging)
+    :param policy_kwargs: additional arguments to be passed to the policy on creation (memory, memory_kwargs,
+        hidden_size, ...)
+    :param verbose: the verbosity level: 0 no output, 1 info, 2 debug
+    :param seed: Seed for the pseudo random generators
+    :param device: Device (cpu, cuda, ...) on which the code should be run ("auto": GPU if possible)
+    :param _init_setup_model: Whether or not to build the network at the creation of the instance
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
+        "MlpHamPolicy": MlpHamPolicy,
+        "CnnHamPolicy": CnnHamPolicy,
+        "MultiInputHamPolicy": MultiInputHamPolicy,
+    }
+
+    def _get_policy_from_name(self, policy_name: str) -> type[BasePolicy]:
+        if policy_name in self.policy_aliases:
+            return self.policy_aliases[policy_name]
+        raise ValueError(f"unknown policy {policy_name!r} for HAMRecurrentPPO; allowed: {', '.join(self.policy_aliases)}")
+
+    def _setup_model(self) -> None:
+        self._setup_lr_schedule()
+        self.set_random_seed(self.seed)
+
+        lstm_args = sorted(set(self.policy_kwargs) & set(LSTM_ARGUMENTS))
+        if lstm_args:
+            hints = "; ".join(f"`{name}` -> {LSTM_ARGUMENTS[name]}" for name in lstm_args)
+            raise ValueError(f"policy_kwargs has RecurrentPPO's LSTM argument(s) {', '.join(lstm_args)}; use {hints}")
+
+        self.policy = self.policy_class(
+            self.observation_space,
+            self.action_space,
+            self.lr_schedule,
+            use_sde=self.use_sde,
+            **self.policy_kwargs,
+        )
+        self.policy = self.policy.to(self.device)
+        if not isinstance(self.policy, HAMActorCriticPolicy):
+            raise ValueError(f"the policy must subclass HAMActorCriticPolicy, got {type(self.policy).__name__}")
+
+        # Warn early about a batch_size that is not a whole number of env rows.
+        envs_per_minibatch(self.batch_size, self.n_steps, self.n_envs, warn=True)
+        self._last_lstm_states = self.policy.initial_states(self.n_envs)
+        self._episode_cache_lens: list[th.Tensor] = []
+
+        buffer_cls = HAMDictRolloutBuffer if isinstance(self.observation_space, spaces.Dict) else HAMRolloutBuffer
+        self.rollout_buffer = buffer_cls(
+            self.n_steps,
+            self.observation_space,
+            self.action_space,
+            self.device,
+            gamma=self.gamma,
+            gae_lambda=self.gae_lambda,
+            n_envs=self.n_envs,
+        )
+
+        # Initialize schedules for policy/value clipping
+        self.clip_range = FloatSchedule(self.clip_range)
+        if self.clip_range_vf is not None:
+            if isinstance(self.clip_range_vf, (float, int)) and self.clip_range_vf <= 0:
+                raise ValueError(f"`clip_range_vf` must be positive (None deactivates vf clipping), got {self.clip_range_vf}")
+            self.clip_range_vf = FloatSchedule(self.clip_range_vf)
+
+    def collect_rollouts(
+        self,
+        env: VecEnv,
+        callback: BaseCallback,
+        rollout_buffer: RolloutBuffer,
+        n_rollout_steps: int,
+    ) -> bool:
+        """
+        Collect experiences using the current policy and fill the rollout buffer (RecurrentPPO's loop; the memory
+        state is stored once, at the start of the rollout).
+
+        :param env: The training environment
+        :param callback: Callback that will be called at each step (and at the beginning and end of the rollout)
+        :param rollout_buffer: Buffer to fill with rollouts (a HAMRolloutBuffer or HAMDictRolloutBuffer)
+        :param n_rollout_steps: Number of experiences to collect per environment
+        :return: True if function returned with at least `n_rollout_steps` collected, False if callback terminated
+            rollout prematurely.
+        """
+        if not isinstance(rollout_buffer, (HAMRolloutBuffer, HAMDictRolloutBuffer)):
+            raise ValueError(
+                f"HAMRecurrentPPO needs a HAMRolloutBuffer or HAMDictRolloutBuffer, got {type(rollout_buffer).__name__}"
+            )
+        assert self._last_obs is not None, "No previous observation was provided"
+        self.policy.set_training_mode(False)
+
+        n_steps = 0
+        rollout_buffer.reset()
+        if self.use_sde:
+            self.policy.reset_noise(env.num_envs)
+
+        callback.on_rollout_start()
+
+        # The memories' step form writes into the state's KV cache in place, so the buffer gets a copy of the
+        # state from before the rollout's first step; training replays every env row from it.
+        initial_states = clone_states(self._last_lstm_states, compact=True)
+        lstm_states = self._last_lstm_states
+        track_cache = bool(getattr(self.policy.memory_actor, "has_cache", False))
+
+        while n_steps < n_rollout_steps:
+            if self.use_sde and self.sde_sample_freq > 0 and n_steps % self.sde_sample_freq == 0:
+                self.policy.reset_noise(env.num_envs)
+
+            with th.no_grad():
+                obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
+                episode_starts = th.tensor(self._last_episode_starts, dtype=th.float32, device=self.device)
+                actions, values, log_probs, lstm_states = self.policy(obs_tensor, lstm_states, episode_starts)
+
+            actions = actions.cpu().numpy()
+            clipped_actions = actions
+            if isinstance(self.action_space, spaces.Box):
+                clipped_actions = np.clip(actions, self.action_space.low, self.action_space.high)
+
+            new_obs, rewards, dones, infos = env.step(clipped_actions)
+
+            self.num_timesteps += env.num_envs
+
+            # Give access to local variables
+            callback.update_locals(locals())
+            if not callback.on_step():
+                self._last_lstm_states = lstm_states  # the step above already wrote into it
+                return False
+
+            self._update_info_buffer(infos, dones)
+            n_steps += 1
+
+            if isinstance(self.action_space, spaces.Discrete):
+                actions = actions.reshape(-1, 1)
+
+            if track_cache and dones.any():
+                self._episode_cache_lens.append(lstm_states.pi.cache_len[th.as_tensor(dones, device=self.device)].cpu())
+
+            # Handle timeout by bootstrapping with the value function (see SB3 issue #633)
+            for idx, done_ in enumerate(dones):
+                if (
+                    done_
+                    and infos[idx].get("terminal_observation") is not None
+                    and infos[idx].get("TimeLimit.truncated", False)
+                ):
+                    terminal_obs = self.policy.obs_to_tensor(infos[idx]["terminal_observation"])[0]
+                    with th.no_grad():
+                        # env idx's critic state after the last step; a clone, as the step form writes in place
+                        vf = lstm_states.vf
+                        terminal_state = None if vf is None else vf[idx].clone()
+                        episode_starts = th.zeros(1, dtype=th.float32, device=self.device)
+                        terminal_value = self.policy.predict_values(terminal_obs, terminal_state, episode_starts)[0]
+                    rewards[idx] += self.gamma * terminal_value
+
+            rollout_buffer.add(
+                self._last_obs,  # type: ignore[arg-type]
+                actions,
+                rewards,
+                self._last_episode_starts,  # type: ignore[arg-type]
+                values,
+                log_probs,
+                lstm_states=initial_states,
+            )
+
+            self._last_obs = new_obs  # type: ignore[assignment]
+            self._last_episode_starts = dones
+            self._last_lstm_states = lstm_states
+
+        with th.no_grad():
+            # Compute value for the last timestep (on a copy of the critic state, which the step would modify)
+            episode_starts = th.tensor(dones, dtype=th.float32, device=self.device)
+            vf = None if lstm_states.vf is None else lstm_states.vf.clone()
+            values = self.policy.predict_values(obs_as_tensor(new_obs, self.device), vf, episode_starts)  # type: ignore[arg-type]
+
+        rollout_buffer.compute_returns_and_advantage(last_values=values, dones=dones)
+
+        callback.on_rollout_end()
+
+        return True
+
+    def train(self) -> None:
+        """RecurrentPPO's update, then each memory's ``end_update()`` (threshold feedback) and its stats logged."""
+        super().train()
+        memories = [("", self.policy.memory_actor)]
+        if self.policy.memory_critic is not None:
+            memories.append(("critic_", self.policy.memory_critic))
+        for prefix, memory in memories:
+            stats = memory.end_update() if hasattr(memory, "end_update") else None
+            for key, value in (stats or {}).items():
+                if value is not None:
+                    self.logger.record(f"memory/{prefix}{key}", float(value))
+        if self._episode_cache_lens:
+            self.logger.record("memory/kv_len_mean", th.cat(self._episode_cache_lens).float().mean().item())
+            self._episode_cache_lens = []
+
+    def learn(
+        self: SelfHAMRecurrentPPO,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 1,
+        tb_log_name: str = "HAMRecurrentPPO",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfHAMRecurrentPPO:
+        return super().learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=tb_log_name,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "_episode_cache_lens"]
