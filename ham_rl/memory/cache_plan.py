@@ -17,7 +17,7 @@ from torch import Tensor
 from ham_rl.state import KVCache
 from kernels.ham_step import choose_slot
 
-__all__ = ["CachePlan", "plan_cache"]
+__all__ = ["CachePlan", "plan_cache", "seen_candidates"]
 
 
 @dataclass
@@ -84,3 +84,16 @@ def _plan_with_capacity(
     used = max(int(length.max()), 1)
     final_source = torch.where(slot_idx[:used] < length[:, None], slot_source[:, :used], 0)
     return CachePlan(visible=visible[:, :, :n_cand], final_source=final_source, final_length=length)
+
+
+@torch.no_grad()
+def seen_candidates(visible: Tensor) -> tuple[Tensor, Tensor]:
+    """The candidates some token sees, per env: ``(index [B, S'], visible [B, T, S'])`` with ``S' <= S``.
+
+    HAM caches a few percent of the tokens, so most candidate columns are never visible; attending over the
+    columns in use (padded to the env that uses most) makes the attention cost follow the cache, not T.
+    """
+    used = visible.any(1)  # [B, S]
+    width = max(int(used.sum(1).max()), 1)
+    index = torch.argsort((~used).to(torch.int8), dim=1, stable=True)[:, :width]  # used columns first, in order
+    return index, visible.gather(2, index[:, None, :].expand(-1, visible.shape[1], -1))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ham_rl.memory.base import Memory
-from ham_rl.memory.cache_plan import plan_cache
+from ham_rl.memory.cache_plan import plan_cache, seen_candidates
 from ham_rl.memory.short_conv import ShortConv
 from ham_rl.state import KVCache, MemoryState
 from kernels.cache_attention import cache_attention
@@ -215,7 +215,11 @@ class HybridMemory(Memory):
                 values = values * (score / score.detach())[..., None, None]
             keys_all = torch.cat([cache.keys.to(values.dtype), p["k"]], 1)  # [B, L0 + T, H, d]
             values_all = torch.cat([cache.values.to(values.dtype), values], 1)
-            o_kv = cache_attention(p["q"], keys_all, values_all, plan.visible, self.attn_log_scale.exp())
+            # The per-head temperature is folded into q, so kernels take a plain float scale and autograd does the rest.
+            q_scaled = p["q"] * self.attn_log_scale.exp()[:, None]
+            index, visible = seen_candidates(plan.visible)
+            per_column = index[..., None, None].expand(-1, -1, *keys_all.shape[2:])
+            o_kv = cache_attention(q_scaled, keys_all.gather(1, per_column), values_all.gather(1, per_column), visible, 1.0)
             o = o + p["gate_attn"][..., None] * o_kv
             cache = self._gather_cache(cache, plan, keys_all, values_all, score, steps)
         rnn = self._join_rnn(S, history)
