@@ -126,8 +126,12 @@ class RecurrentActorCritic(nn.Module):
         self.encoder = nn.Sequential(layer_init(nn.Linear(feature_dim, embed_size)), nn.ReLU())
         self.memory = make_memory(memory, input_size=embed_size, hidden_size=hidden_size, **(memory_options or {}))
         n_out = self.action_head.num_outputs
-        self.actor = nn.Sequential(layer_init(nn.Linear(hidden_size, head_size)), nn.Tanh(), layer_init(nn.Linear(head_size, n_out), 0.01))
-        self.critic = nn.Sequential(layer_init(nn.Linear(hidden_size, head_size)), nn.Tanh(), layer_init(nn.Linear(head_size, 1), 1.0))
+        self.actor = nn.Sequential(
+            layer_init(nn.Linear(hidden_size, head_size)), nn.Tanh(), layer_init(nn.Linear(head_size, n_out), 0.01)
+        )
+        self.critic = nn.Sequential(
+            layer_init(nn.Linear(hidden_size, head_size)), nn.Tanh(), layer_init(nn.Linear(head_size, 1), 1.0)
+        )
         self.log_std = nn.Parameter(torch.zeros(n_out)) if self.action_head.kind == "box" else None
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> MemoryState:

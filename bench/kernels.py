@@ -127,7 +127,9 @@ def cuda_section(repeats: int) -> None:
             tt = median_time(lambda: fused_ham_step(*args, 0.5, capacity=256), repeats, sync)
             tr = median_time(lambda: ham_step(*args, 0.5, capacity=256), repeats, sync)
             qf = q[:, :, None]
-            tf = median_time(lambda: F.scaled_dot_product_attention(qf, keys.transpose(1, 2), values.transpose(1, 2)), repeats, sync)
+            tf = median_time(
+                lambda: F.scaled_dot_product_attention(qf, keys.transpose(1, 2), values.transpose(1, 2)), repeats, sync
+            )
             print(f"{B:>6} | {tt * 1e3:10.3f} {tr * 1e3:10.3f} {tf * 1e3:13.3f} | {tr / tt:10.1f} {tf / tt:11.2f}")
 
 

@@ -32,8 +32,14 @@ def ours(memory: str, args) -> float:
 
     torch.manual_seed(0)
     venv = VecEnv(args.env, args.num_envs, seed=0)
-    cfg = PPOConfig(num_envs=args.num_envs, num_steps=args.num_steps, num_minibatches=args.minibatches, update_epochs=4,
-                    learning_rate=5e-4, ent_coef=0.01)  # fmt: skip
+    cfg = PPOConfig(
+        num_envs=args.num_envs,
+        num_steps=args.num_steps,
+        num_minibatches=args.minibatches,
+        update_epochs=4,
+        learning_rate=5e-4,
+        ent_coef=0.01,
+    )
     opts = {"num_heads": 4} if memory.startswith("ham") else {}
     agent = RecurrentActorCritic(venv.feature_dim, venv.action_space, memory, args.hidden, opts)
     ppo = PPO(agent, venv, cfg, total_timesteps=args.steps)
@@ -52,10 +58,17 @@ def recurrent_ppo(args) -> float:
 
     env = make_vec_env(resolve_env_id(args.env), n_envs=args.num_envs, seed=0)
     model = RecurrentPPO(
-        "MlpLstmPolicy", env, n_steps=args.num_steps, batch_size=args.num_envs * args.num_steps // args.minibatches, n_epochs=4,
-        learning_rate=5e-4, ent_coef=0.01, seed=0, device="cpu",
+        "MlpLstmPolicy",
+        env,
+        n_steps=args.num_steps,
+        batch_size=args.num_envs * args.num_steps // args.minibatches,
+        n_epochs=4,
+        learning_rate=5e-4,
+        ent_coef=0.01,
+        seed=0,
+        device="cpu",
         policy_kwargs=dict(lstm_hidden_size=args.hidden, shared_lstm=True, enable_critic_lstm=False),
-    )  # fmt: skip
+    )
     t = time.perf_counter()
     model.learn(args.steps)
     return model.num_timesteps / (time.perf_counter() - t)
@@ -67,7 +80,9 @@ def main() -> None:
     p.add_argument("--num-envs", type=int, default=8)
     p.add_argument("--num-steps", type=int, default=128)
     p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--minibatches", type=int, default=4, help="minibatches per epoch (RecurrentPPO: batch_size = envs*steps/this)")
+    p.add_argument(
+        "--minibatches", type=int, default=4, help="minibatches per epoch (RecurrentPPO: batch_size = envs*steps/this)"
+    )
     p.add_argument("--steps", type=int, default=16384, help="env steps per contender per repeat")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads for every contender")
@@ -87,16 +102,20 @@ def main() -> None:
             results[name].append(fn())
             print(f"repeat {r + 1}/{args.repeats} {name:24s} {results[name][-1]:10.0f} steps/s", flush=True)
     med = {k: statistics.median(v) for k, v in results.items()}
-    print(f"\nenv={args.env} num_envs={args.num_envs} num_steps={args.num_steps} hidden={args.hidden} "
-          f"steps={args.steps} repeats={args.repeats} threads={args.threads}")  # fmt: skip
+    print(
+        f"\nenv={args.env} num_envs={args.num_envs} num_steps={args.num_steps} hidden={args.hidden} "
+        f"steps={args.steps} repeats={args.repeats} threads={args.threads}"
+    )
     base = med.get("sb3-RecurrentPPO-lstm")
     print(f"{'contender':24s} {'steps/s (median)':>18s} {'x RecurrentPPO':>15s}")
     for k, v in med.items():
         ratio = f"{v / base:15.2f}" if base else f"{'-':>15s}"
         print(f"{k:24s} {v:18.0f} {ratio}")
     if base:
-        print(f"\nours-ham / RecurrentPPO = {med['ours-ham'] / base:.2f}x (target >= 10x); "
-              f"ours-gru / RecurrentPPO = {med['ours-gru'] / base:.2f}x")  # fmt: skip
+        print(
+            f"\nours-ham / RecurrentPPO = {med['ours-ham'] / base:.2f}x (target >= 10x); "
+            f"ours-gru / RecurrentPPO = {med['ours-gru'] / base:.2f}x"
+        )
     _ = np
 
 

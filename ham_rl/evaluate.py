@@ -29,8 +29,9 @@ __all__ = ["evaluate_policy", "evaluate_run", "main"]
 EVAL_KEYS = ("memory.threshold", "episodes", "num_envs", "seed", "deterministic", "device", "torch_threads")
 
 
-def evaluate_policy(agent: RecurrentActorCritic, venv: VecEnv, episodes: int, deterministic: bool = True,
-                    device: torch.device | str = "cpu") -> list[float]:  # fmt: skip
+def evaluate_policy(
+    agent: RecurrentActorCritic, venv: VecEnv, episodes: int, deterministic: bool = True, device: torch.device | str = "cpu"
+) -> list[float]:
     """Returns of ``episodes`` complete episodes; env i contributes ``episodes // B`` (+1 for the first remainder).
 
     Each env's quota is fixed up front, so short episodes are not over-represented.
@@ -42,8 +43,9 @@ def evaluate_policy(agent: RecurrentActorCritic, venv: VecEnv, episodes: int, de
     state = agent.initial_state(b, device=device)
     with torch.no_grad():
         while any(len(got[i]) < quota[i] for i in range(b)):
-            action, _, _, state = agent.step(torch.from_numpy(x).to(device), state, torch.from_numpy(start).to(device),
-                                             deterministic=deterministic)  # fmt: skip
+            action, _, _, state = agent.step(
+                torch.from_numpy(x).to(device), state, torch.from_numpy(start).to(device), deterministic=deterministic
+            )
             x, _, start, finished = venv.step(agent.action_head.to_env(action))
             for i, ret, _ in finished:
                 if len(got[i]) < quota[i]:
@@ -96,8 +98,15 @@ def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool =
 
     venv = VecEnv(cfg.env.id, num_envs, seed=seed, prev_action=cfg.env.prev_action, prev_reward=cfg.env.prev_reward)
     name, hidden, mem_options = memory_kwargs(cfg.memory)
-    agent = RecurrentActorCritic(venv.feature_dim, venv.action_space, name, hidden, mem_options,
-                                 embed_size=int(cfg.agent.embed_size), head_size=int(cfg.agent.head_size)).to(device)  # fmt: skip
+    agent = RecurrentActorCritic(
+        venv.feature_dim,
+        venv.action_space,
+        name,
+        hidden,
+        mem_options,
+        embed_size=int(cfg.agent.embed_size),
+        head_size=int(cfg.agent.head_size),
+    ).to(device)
     try:
         agent.load_state_dict(ckpt["ppo"]["agent"])
     except (KeyError, RuntimeError) as e:
@@ -132,8 +141,10 @@ def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool =
         if not quiet:
             kv = "-" if res["kv_fraction"] is None else f"{res['kv_fraction']:.4f}"
             tau_s = "-" if tau is None else f"{float(tau):g}"
-            print(f"{name} {cfg.env.id} threshold={tau_s}: mean return {res['mean_return']:.4f} "
-                  f"± {res['std_return']:.4f} (std over {res['episodes']} episodes), kv_fraction {kv}")  # fmt: skip
+            print(
+                f"{name} {cfg.env.id} threshold={tau_s}: mean return {res['mean_return']:.4f} "
+                f"± {res['std_return']:.4f} (std over {res['episodes']} episodes), kv_fraction {kv}"
+            )
     venv.close()
     if len(results) > 1:
         _write_sweep(run_dir, results, title=f"{name} on {cfg.env.id}")
@@ -157,7 +168,7 @@ def _write_sweep(run_dir: Path, results: list[dict], title: str) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     xs = [r["kv_fraction"] if r["kv_fraction"] is not None else math.nan for r in results]
     ax.errorbar(xs, [r["mean_return"] for r in results], yerr=[r["std_return"] for r in results], marker="o", capsize=3)
-    for x, r in zip(xs, results):
+    for x, r in zip(xs, results, strict=False):
         ax.annotate(f"τ={r['threshold']:g}", (x, r["mean_return"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("KV fraction (stored / seen tokens)")
     ax.set_ylabel("mean episodic return")

@@ -89,9 +89,7 @@ class KVCache:
         used = max(int(self.length.max()) if self.length.numel() else 0, 1)
         if used >= self.slots:
             return self
-        return KVCache(
-            self.keys[:, :used], self.values[:, :used], self.scores[:, :used], self.times[:, :used], self.length
-        )
+        return KVCache(self.keys[:, :used], self.values[:, :used], self.scores[:, :used], self.times[:, :used], self.length)
 
     def valid_mask(self) -> Tensor:
         """``[B, L]`` bool, True at the slots that hold an entry."""

@@ -66,11 +66,19 @@ def build(cfg: DictConfig, ppo_cfg: PPOConfig, device: torch.device) -> PPO:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    venv = VecEnv(cfg.env.id, ppo_cfg.num_envs, seed=cfg.seed, prev_action=cfg.env.prev_action, prev_reward=cfg.env.prev_reward)
+    venv = VecEnv(
+        cfg.env.id, ppo_cfg.num_envs, seed=cfg.seed, prev_action=cfg.env.prev_action, prev_reward=cfg.env.prev_reward
+    )
     name, hidden, options = memory_kwargs(cfg.memory)
     try:
         agent = RecurrentActorCritic(
-            venv.feature_dim, venv.action_space, name, hidden, options, embed_size=ppo_cfg.embed_size, head_size=ppo_cfg.head_size
+            venv.feature_dim,
+            venv.action_space,
+            name,
+            hidden,
+            options,
+            embed_size=ppo_cfg.embed_size,
+            head_size=ppo_cfg.head_size,
         ).to(device)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e).splitlines()[0]) from e
@@ -151,15 +159,26 @@ def train(cfg: DictConfig) -> dict:
 
     from tqdm.auto import tqdm
 
-    pbar = tqdm(total=ppo.num_updates * ppo_cfg.batch_size, initial=ppo.global_step, unit="step", unit_scale=True,
-                disable=not cfg.progress, dynamic_ncols=True, desc=f"{cfg.memory.name} {cfg.env.id}")  # fmt: skip
+    pbar = tqdm(
+        total=ppo.num_updates * ppo_cfg.batch_size,
+        initial=ppo.global_step,
+        unit="step",
+        unit_scale=True,
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+        desc=f"{cfg.memory.name} {cfg.env.id}",
+    )
 
     def checkpoint(t_now: float) -> None:
         save_checkpoint(
-            {"config": OmegaConf.to_container(cfg), "ppo": ppo.state_dict(), "elapsed_s": elapsed_before + t_now - t0,
-             "num_params": num_params},
+            {
+                "config": OmegaConf.to_container(cfg),
+                "ppo": ppo.state_dict(),
+                "elapsed_s": elapsed_before + t_now - t0,
+                "num_params": num_params,
+            },
             ckpt_path,
-        )  # fmt: skip
+        )
 
     t0 = time.perf_counter()
     start_step, updates_here = ppo.global_step, 0
@@ -175,10 +194,17 @@ def train(cfg: DictConfig) -> dict:
             fps = (ppo.global_step - start_step) / max(now - t0, 1e-9)
             stats["time/fps"] = fps
             metrics.append(
-                {"global_step": ppo.global_step, "time_s": elapsed_before + now - t0, "ep_rew_mean": stats["rollout/ep_rew_mean"],
-                 "ep_len_mean": stats["rollout/ep_len_mean"], "fps": fps, "kv_fraction": stats["memory/kv_fraction"],
-                 "kv_len_mean": stats["memory/kv_len_mean"], "threshold": stats["memory/threshold"]}
-            )  # fmt: skip
+                {
+                    "global_step": ppo.global_step,
+                    "time_s": elapsed_before + now - t0,
+                    "ep_rew_mean": stats["rollout/ep_rew_mean"],
+                    "ep_len_mean": stats["rollout/ep_len_mean"],
+                    "fps": fps,
+                    "kv_fraction": stats["memory/kv_fraction"],
+                    "kv_len_mean": stats["memory/kv_len_mean"],
+                    "threshold": stats["memory/threshold"],
+                }
+            )
             if writer is not None:
                 for k, v in stats.items():
                     if v is not None and np.isfinite(v):
@@ -199,9 +225,14 @@ def train(cfg: DictConfig) -> dict:
         ppo.venv.close()
 
     summary = summarise(
-        MetricsCSV.read(run_dir / "metrics.csv"), env=cfg.env.id, memory=cfg.memory.name, seed=cfg.seed,
-        total_timesteps=cfg.total_timesteps, num_params=num_params, threshold=ppo.agent.memory.threshold,
-    )  # fmt: skip
+        MetricsCSV.read(run_dir / "metrics.csv"),
+        env=cfg.env.id,
+        memory=cfg.memory.name,
+        seed=cfg.seed,
+        total_timesteps=cfg.total_timesteps,
+        num_params=num_params,
+        threshold=ppo.agent.memory.threshold,
+    )
     write_json_atomic(summary, run_dir / "summary.json")
     if cfg.progress:
         _print_summary(summary, run_dir)

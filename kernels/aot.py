@@ -43,9 +43,13 @@ def kernel_specs():
             sig = {**common, "o": p, "lse": "*fp32", **dims}
             specs.append((f"parallel_cache_attention_fwd_kernel D{D} {dt}", ca.parallel_cache_attention_fwd_kernel, sig, cx))
             sig = {**common, "do": p, "lse": "*fp32", "delta": "*fp32", "dk": "*fp32", "dv": "*fp32", **dims}
-            specs.append((f"parallel_cache_attention_bwd_dkv_kernel D{D} {dt}", ca.parallel_cache_attention_bwd_dkv_kernel, sig, cx))
+            specs.append(
+                (f"parallel_cache_attention_bwd_dkv_kernel D{D} {dt}", ca.parallel_cache_attention_bwd_dkv_kernel, sig, cx)
+            )
             sig = {**common, "do": p, "lse": "*fp32", "delta": "*fp32", "dq": "*fp32", **dims}
-            specs.append((f"parallel_cache_attention_bwd_dq_kernel D{D} {dt}", ca.parallel_cache_attention_bwd_dq_kernel, sig, cx))
+            specs.append(
+                (f"parallel_cache_attention_bwd_dq_kernel D{D} {dt}", ca.parallel_cache_attention_bwd_dq_kernel, sig, cx)
+            )
             sig = {
                 "q": p, "k": p, "v": p, "beta": p, "g": p, "gate_rnn": p, "gate_attn": p, "h0": "*fp32", "ht": "*fp32",
                 "keys": p, "values": p, "scores": "*fp32", "times": "*i64", "length": "*i64", "start": "*i32",

@@ -26,7 +26,7 @@ def run_steps(mem, x: torch.Tensor, state: MemoryState, starts: torch.Tensor) ->
 def assert_states_close(a: MemoryState, b: MemoryState, atol: float = 1e-5) -> None:
     """Same recurrent tensors, episode lengths, cache lengths and valid cache entries."""
     assert len(a.rnn) == len(b.rnn)
-    for ta, tb in zip(a.rnn, b.rnn):
+    for ta, tb in zip(a.rnn, b.rnn, strict=False):
         torch.testing.assert_close(ta, tb, atol=atol, rtol=0)
     assert torch.equal(a.episode_len, b.episode_len)
     assert torch.equal(a.cache_len, b.cache_len)

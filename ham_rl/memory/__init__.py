@@ -5,4 +5,14 @@ from ham_rl.memory.baselines import GRUMemory, LSTMMemory, MLPMemory
 from ham_rl.memory.hybrid import ROUTERS, HybridMemory
 from ham_rl.memory.registry import MEMORIES, make_memory, memory_options
 
-__all__ = ["Memory", "HybridMemory", "GRUMemory", "LSTMMemory", "MLPMemory", "MEMORIES", "ROUTERS", "make_memory", "memory_options"]
+__all__ = [
+    "Memory",
+    "HybridMemory",
+    "GRUMemory",
+    "LSTMMemory",
+    "MLPMemory",
+    "MEMORIES",
+    "ROUTERS",
+    "make_memory",
+    "memory_options",
+]

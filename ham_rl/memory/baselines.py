@@ -15,7 +15,7 @@ def _segments(starts: Tensor) -> list[tuple[int, int]]:
     """Split ``[0, T)`` at every step where any env starts an episode: ``[(t0, t1), ...]``."""
     T = starts.shape[1]
     cuts = [0] + [t for t in starts.any(0).nonzero().flatten().tolist() if t > 0] + [T]
-    return list(zip(cuts[:-1], cuts[1:]))
+    return list(zip(cuts[:-1], cuts[1:], strict=False))
 
 
 class _TorchRNNMemory(Memory):

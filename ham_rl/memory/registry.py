@@ -47,9 +47,7 @@ def _hybrid(**fixed) -> Callable[..., Memory]:
     def build(input_size: int, hidden_size: int, **options) -> Memory:
         return HybridMemory(input_size, hidden_size, **fixed, **options)
 
-    build.__signature__ = inspect.Signature(
-        [inspect.signature(HybridMemory).parameters[n] for n in allowed]
-    )
+    build.__signature__ = inspect.Signature([inspect.signature(HybridMemory).parameters[n] for n in allowed])
     return build
 
 
@@ -57,10 +55,25 @@ def _hybrid(**fixed) -> Callable[..., Memory]:
 MEMORIES: dict[str, Callable[..., Memory]] = {
     "ham": _hybrid(router="surprise", use_rnn=True, use_attention=True),
     "ham-learned": _hybrid(router="learned", use_rnn=True, use_attention=True),
-    "gdn": _hybrid(use_rnn=True, use_attention=False, router="surprise", threshold=float("inf"), target_fraction=None,
-                   threshold_lr=0.1, capacity=0),  # fmt: skip
-    "attention": _hybrid(use_rnn=False, use_attention=True, router="all", threshold=float("-inf"), target_fraction=None,
-                         threshold_lr=0.1, capacity=0, fixed_decay=False),  # fmt: skip
+    "gdn": _hybrid(
+        use_rnn=True,
+        use_attention=False,
+        router="surprise",
+        threshold=float("inf"),
+        target_fraction=None,
+        threshold_lr=0.1,
+        capacity=0,
+    ),  # fmt: skip
+    "attention": _hybrid(
+        use_rnn=False,
+        use_attention=True,
+        router="all",
+        threshold=float("-inf"),
+        target_fraction=None,
+        threshold_lr=0.1,
+        capacity=0,
+        fixed_decay=False,
+    ),  # fmt: skip
     "window": window_memory,
     "hqlt": hqlt_memory,
     "gru": GRUMemory,
@@ -82,5 +95,7 @@ def make_memory(name: str, input_size: int, hidden_size: int, **options) -> Memo
     allowed = memory_options(name)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))} for memory {name!r}; allowed: {', '.join(allowed)}")
+        raise ValueError(
+            f"unknown option(s) {', '.join(map(repr, unknown))} for memory {name!r}; allowed: {', '.join(allowed)}"
+        )
     return MEMORIES[name](input_size, hidden_size, **options)

@@ -11,9 +11,7 @@ from kernels.triton_utils import resolve_backend
 __all__ = ["cache_attention", "masked_cache_attention"]
 
 
-def cache_attention(
-    q: Tensor, keys: Tensor, values: Tensor, visible: Tensor, scale: float | Tensor | None = None
-) -> Tensor:
+def cache_attention(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor, scale: float | Tensor | None = None) -> Tensor:
     """Masked softmax attention; arguments and return as ``masked_cache_attention`` (the truth).
 
     Runs the block-sparse Triton kernel (``parallel.parallel_cache_attention``, forward and backward) when

@@ -79,9 +79,7 @@ def parallel_cache_attention_fwd_kernel(
                 mask=m_n[:, None] & (o_v < V)[None, :],
                 other=0.0,
             ).to(tl.float32)
-            vis = tl.load(
-                visible + (i_b * T + o_m[:, None]) * S + o_n[None, :], mask=m_m[:, None] & m_n[None, :], other=0
-            )
+            vis = tl.load(visible + (i_b * T + o_m[:, None]) * S + o_n[None, :], mask=m_m[:, None] & m_n[None, :], other=0)
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee") * b_scale
             b_s = tl.where(vis != 0, b_s, float("-inf"))
             m_new = tl.maximum(b_m, tl.max(b_s, 1))
@@ -156,9 +154,7 @@ def parallel_cache_attention_bwd_dkv_kernel(
             ).to(tl.float32)
             b_lse = tl.load(lse + i_bh * T + o_m, mask=m_m, other=0.0)
             b_delta = tl.load(delta + i_bh * T + o_m, mask=m_m, other=0.0)
-            vis = tl.load(
-                visible + (i_b * T + o_m[:, None]) * S + o_n[None, :], mask=m_m[:, None] & m_n[None, :], other=0
-            )
+            vis = tl.load(visible + (i_b * T + o_m[:, None]) * S + o_n[None, :], mask=m_m[:, None] & m_n[None, :], other=0)
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee") * b_scale
             p = tl.where(vis != 0, tl.exp(b_s - b_lse[:, None]), 0.0)  # [BM, BN]
             b_dv += tl.dot(tl.trans(p), b_do, input_precision="ieee")
@@ -224,9 +220,7 @@ def parallel_cache_attention_bwd_dq_kernel(
                 mask=m_n[:, None] & (o_v < V)[None, :],
                 other=0.0,
             ).to(tl.float32)
-            vis = tl.load(
-                visible + (i_b * T + o_m[:, None]) * S + o_n[None, :], mask=m_m[:, None] & m_n[None, :], other=0
-            )
+            vis = tl.load(visible + (i_b * T + o_m[:, None]) * S + o_n[None, :], mask=m_m[:, None] & m_n[None, :], other=0)
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee") * b_scale
             p = tl.where(vis != 0, tl.exp(b_s - b_lse[:, None]), 0.0)
             dp = tl.dot(b_do, tl.trans(b_v), input_precision="ieee")

@@ -222,9 +222,7 @@ def fused_ham_step_fwd(
     """Launch one program per env. ``scale`` is a ``[H]`` float32 tensor; shapes as in ``reference.ham_step``."""
     B, H, K = q.shape
     V = v.shape[-1]
-    q, k, v, beta, g, gate_rnn, gate_attn = (
-        t.contiguous() for t in (q, k, v, beta, g, gate_rnn, gate_attn)
-    )
+    q, k, v, beta, g, gate_rnn, gate_attn = (t.contiguous() for t in (q, k, v, beta, g, gate_rnn, gate_attn))
     h0 = rnn_state.float().contiguous()
     ht = torch.empty_like(h0) if use_rnn else h0
     o = q.new_empty(B, H, V, dtype=torch.float32)

@@ -72,7 +72,9 @@ def test_ratio_is_one_on_popgym_with_ham():
 
 
 @pytest.mark.parametrize(
-    "space", [spaces.Discrete(5), spaces.MultiDiscrete([3, 4]), spaces.Box(-2, 2, (2,))], ids=["discrete", "multidiscrete", "box"]
+    "space",
+    [spaces.Discrete(5), spaces.MultiDiscrete([3, 4]), spaces.Box(-2, 2, (2,))],
+    ids=["discrete", "multidiscrete", "box"],
 )
 def test_action_head_logp_matches_torch_distributions(space):
     head = ActionHead(space)

@@ -28,10 +28,18 @@ def test_unknown_env_lists_valid_names():
         pytest.param(spaces.MultiDiscrete([2, 3]), [[1, 0], [0, 2]], [[0, 1, 1, 0, 0], [1, 0, 0, 0, 1]], id="multidiscrete"),
         pytest.param(spaces.MultiBinary(3), [[1, 0, 1], [0, 0, 0]], [[1, 0, 1], [0, 0, 0]], id="multibinary"),
         pytest.param(spaces.Box(-1, 1, (2, 2)), [np.full((2, 2), 0.5), np.eye(2)], [[0.5] * 4, [1, 0, 0, 1]], id="box-2d"),
-        pytest.param(spaces.Tuple((spaces.Discrete(2), spaces.Box(-1, 1, (1,)))), [(1, [0.25]), (0, [-1.0])],
-                     [[0, 1, 0.25], [1, 0, -1]], id="tuple"),  # fmt: skip
-        pytest.param(spaces.Dict({"a": spaces.Discrete(2), "b": spaces.MultiDiscrete([2])}), [{"a": 0, "b": [1]}, {"a": 1, "b": [0]}],
-                     [[1, 0, 0, 1], [0, 1, 1, 0]], id="dict"),  # fmt: skip
+        pytest.param(
+            spaces.Tuple((spaces.Discrete(2), spaces.Box(-1, 1, (1,)))),
+            [(1, [0.25]), (0, [-1.0])],
+            [[0, 1, 0.25], [1, 0, -1]],
+            id="tuple",
+        ),  # fmt: skip
+        pytest.param(
+            spaces.Dict({"a": spaces.Discrete(2), "b": spaces.MultiDiscrete([2])}),
+            [{"a": 0, "b": [1]}, {"a": 1, "b": [0]}],
+            [[1, 0, 0, 1], [0, 1, 1, 0]],
+            id="dict",
+        ),  # fmt: skip
     ],
 )
 def test_space_encoder(space, samples, expected):

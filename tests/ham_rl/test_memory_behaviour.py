@@ -8,21 +8,21 @@ from memory_helpers import random_starts, run_steps
 
 from ham_rl import MEMORIES, make_memory
 
-B, T, I, D = 4, 20, 6, 16
+B, T, IN, D = 4, 20, 6, 16
 
 
 @pytest.mark.parametrize("name", list(MEMORIES))
 @pytest.mark.parametrize("form", ["sequence", "step"])
 def test_reset_isolation(name, form):
-    mem = make_memory(name, I, D)
-    x = torch.randn(B, T, I)
+    mem = make_memory(name, IN, D)
+    x = torch.randn(B, T, IN)
     starts = torch.zeros(B, T, dtype=torch.bool)
     starts[:, 9] = True
     state = mem.initial_state(B)
-    _, state = mem(torch.randn(B, 5, I), state, torch.zeros(B, 5, dtype=torch.bool))  # a carried-in past
+    _, state = mem(torch.randn(B, 5, IN), state, torch.zeros(B, 5, dtype=torch.bool))  # a carried-in past
     x2 = x.clone()
-    x2[:, :9] = torch.randn(B, 9, I)  # change everything before the flag
-    other = mem(torch.randn(B, 5, I), mem.initial_state(B), torch.zeros(B, 5, dtype=torch.bool))[1]  # another past
+    x2[:, :9] = torch.randn(B, 9, IN)  # change everything before the flag
+    other = mem(torch.randn(B, 5, IN), mem.initial_state(B), torch.zeros(B, 5, dtype=torch.bool))[1]  # another past
     run = (lambda xx, ss: mem(xx, ss, starts)[0]) if form == "sequence" else (lambda xx, ss: run_steps(mem, xx, ss, starts)[0])
     y1, y2 = run(x, state), run(x2, other)
     torch.testing.assert_close(y1[:, 9:], y2[:, 9:], atol=1e-5, rtol=0)
@@ -31,9 +31,9 @@ def test_reset_isolation(name, form):
 
 @pytest.mark.parametrize("name", list(MEMORIES))
 def test_batch_independence(name):
-    mem = make_memory(name, I, D)
-    x, starts = torch.randn(B, T, I), random_starts(B, T)
-    _, warm = mem(torch.randn(B, 6, I), mem.initial_state(B), random_starts(B, 6))
+    mem = make_memory(name, IN, D)
+    x, starts = torch.randn(B, T, IN), random_starts(B, T)
+    _, warm = mem(torch.randn(B, 6, IN), mem.initial_state(B), random_starts(B, 6))
     y_all, s_all = mem(x, warm, starts)
     for b in range(B):
         y_b, s_b = mem(x[b : b + 1], warm[b], starts[b : b + 1])
@@ -51,21 +51,21 @@ def stored_fraction(mem, x, starts) -> float:
 
 @pytest.mark.parametrize("name", ["ham", "ham-learned"])
 def test_threshold_controls_cache(name):
-    mem = make_memory(name, I, D)
-    x, starts = torch.randn(8, 64, I), torch.zeros(8, 64, dtype=torch.bool)
+    mem = make_memory(name, IN, D)
+    x, starts = torch.randn(8, 64, IN), torch.zeros(8, 64, dtype=torch.bool)
     fractions = []
     for tau in [-math.inf, 0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, math.inf]:
         mem.set_threshold(tau)
         fractions.append(stored_fraction(mem, x, starts))
     assert fractions[0] == 1.0  # tau = -inf stores every token
     assert fractions[-1] == 0.0  # tau = +inf stores nothing
-    assert all(a >= b for a, b in zip(fractions, fractions[1:])), fractions
+    assert all(a >= b for a, b in zip(fractions, fractions[1:], strict=False)), fractions
     assert any(0.0 < f < 1.0 for f in fractions)  # the threshold does something in between
 
 
 def test_tau_inf_is_gated_deltanet_readout():
-    mem = make_memory("ham", I, D, threshold=math.inf)
-    x, starts = torch.randn(B, T, I), random_starts(B, T)
+    mem = make_memory("ham", IN, D, threshold=math.inf)
+    x, starts = torch.randn(B, T, IN), random_starts(B, T)
     y, state = mem(x, mem.initial_state(B), starts)
     assert state.cache_len.sum() == 0
     mem.gate_attn.bias.data.fill_(-1e4)  # with nothing cached, the attention path contributes exactly 0
@@ -75,13 +75,13 @@ def test_tau_inf_is_gated_deltanet_readout():
 @pytest.mark.parametrize("target", [0.1, 0.3, 0.6])
 def test_target_fraction_feedback_converges(target):
     g = torch.Generator().manual_seed(1)
-    mem = make_memory("ham", I, D, target_fraction=target, threshold=0.5, threshold_lr=0.5)
+    mem = make_memory("ham", IN, D, target_fraction=target, threshold=0.5, threshold_lr=0.5)
     state = mem.initial_state(16)
     observed = []
-    for update in range(60):  # a stationary stream: i.i.d. inputs, episodes of 32 steps
+    for _update in range(60):  # a stationary stream: i.i.d. inputs, episodes of 32 steps
         for t in range(32):
             with torch.no_grad():
-                _, state = mem.step(torch.randn(16, I, generator=g), state, torch.full((16,), t == 0))
+                _, state = mem.step(torch.randn(16, IN, generator=g), state, torch.full((16,), t == 0))
         observed.append(mem.end_update()["kv_fraction"])
     final = sum(observed[-10:]) / 10
     assert abs(final - target) < 0.05, (final, mem.threshold)
@@ -100,9 +100,9 @@ def test_gradcheck_small_ham_sequence():
 @pytest.mark.parametrize("name", list(MEMORIES))
 def test_gradients_reach_every_parameter(name):
     options = {"threshold": 0.0} if name.startswith("ham") else {}
-    mem = make_memory(name, I, D, **options)
-    _, warm = mem(torch.randn(B, 6, I), mem.initial_state(B), random_starts(B, 6))
-    y, _ = mem(torch.randn(B, T, I), warm.detach(), random_starts(B, T))
+    mem = make_memory(name, IN, D, **options)
+    _, warm = mem(torch.randn(B, 6, IN), mem.initial_state(B), random_starts(B, 6))
+    y, _ = mem(torch.randn(B, T, IN), warm.detach(), random_starts(B, T))
     y.square().mean().backward()
     for pname, p in mem.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: no gradient reaches {pname}"

@@ -8,7 +8,7 @@ from memory_helpers import assert_states_close, random_starts, run_steps
 
 from ham_rl import MEMORIES, make_memory
 
-B, T, I, D = 5, 24, 7, 16
+B, T, IN, D = 5, 24, 7, 16
 
 HAM_VARIANTS = {
     "ham": {},
@@ -24,9 +24,9 @@ HAM_VARIANTS = {
 
 def build(case: str):
     if case in MEMORIES:
-        return make_memory(case, I, D)
+        return make_memory(case, IN, D)
     name = "ham-learned" if case.startswith("ham-learned") else "ham"
-    return make_memory(name, I, D, **HAM_VARIANTS[case])
+    return make_memory(name, IN, D, **HAM_VARIANTS[case])
 
 
 CASES = list(MEMORIES) + [c for c in HAM_VARIANTS if c not in MEMORIES]
@@ -36,9 +36,9 @@ CASES = list(MEMORIES) + [c for c in HAM_VARIANTS if c not in MEMORIES]
 def test_sequence_equals_steps_with_carried_state(case):
     mem = build(case)
     # A first segment builds a carried-in state (RNN state and a non-empty cache), the second is compared.
-    warm = torch.randn(B, T, I)
+    warm = torch.randn(B, T, IN)
     _, state = mem(warm, mem.initial_state(B), random_starts(B, T))
-    x = torch.randn(B, T, I)
+    x = torch.randn(B, T, IN)
     starts = random_starts(B, T, p=0.1)
     starts[0] = False  # env 0 carries its episode through the whole segment
     starts[1, T // 2] = True  # env 1 restarts mid-segment
@@ -50,24 +50,24 @@ def test_sequence_equals_steps_with_carried_state(case):
 
 def test_capacity_case_really_evicts():
     mem = build("ham-capacity")
-    x = torch.randn(B, T, I)
+    x = torch.randn(B, T, IN)
     _, state = run_steps(mem, x, mem.initial_state(B), torch.zeros(B, T, dtype=torch.bool))
     assert state.cache_len.tolist() == [3] * B  # every token routed, only 3 kept
     assert (state.cache.times[:, :3] > 2).any()  # later tokens replaced earlier ones
 
 
 def test_sequence_form_leaves_input_state_untouched():
-    mem = make_memory("ham", I, D, threshold=-math.inf)
-    _, state = mem(torch.randn(B, T, I), mem.initial_state(B), random_starts(B, T))
+    mem = make_memory("ham", IN, D, threshold=-math.inf)
+    _, state = mem(torch.randn(B, T, IN), mem.initial_state(B), random_starts(B, T))
     before = state.clone()
-    mem(torch.randn(B, T, I), state, random_starts(B, T))
+    mem(torch.randn(B, T, IN), state, random_starts(B, T))
     assert_states_close(before, state, atol=0)
 
 
 @pytest.mark.parametrize("name", list(MEMORIES))
 def test_one_step_segment(name):
-    mem = make_memory(name, I, D)
-    x, starts = torch.randn(B, 1, I), torch.ones(B, 1, dtype=torch.bool)
+    mem = make_memory(name, IN, D)
+    x, starts = torch.randn(B, 1, IN), torch.ones(B, 1, dtype=torch.bool)
     y_seq, s_seq = mem(x, mem.initial_state(B), starts)
     y_step, s_step = run_steps(mem, x, mem.initial_state(B), starts)
     torch.testing.assert_close(y_seq, y_step, atol=1e-5, rtol=0)

@@ -8,12 +8,12 @@ from memory_helpers import assert_states_close, random_starts
 
 from ham_rl import MEMORIES, KVCache, MemoryState, make_memory
 
-B, T, I, D = 4, 12, 5, 8
+B, T, IN, D = 4, 12, 5, 8
 
 
 def warm_state(name: str) -> tuple:
-    mem = make_memory(name, I, D, **({"threshold": 0.0} if name.startswith("ham") else {}))
-    x = torch.randn(B, T, I, requires_grad=True)
+    mem = make_memory(name, IN, D, **({"threshold": 0.0} if name.startswith("ham") else {}))
+    x = torch.randn(B, T, IN, requires_grad=True)
     return mem, mem(x, mem.initial_state(B), random_starts(B, T))[1]
 
 
@@ -60,13 +60,13 @@ def test_state_save_load_round_trip():
 
 
 def test_memory_save_load_keeps_threshold(tmp_path):
-    mem = make_memory("ham", I, D, target_fraction=0.2)
+    mem = make_memory("ham", IN, D, target_fraction=0.2)
     mem.set_threshold(0.77)
     torch.save(mem.state_dict(), tmp_path / "m.pt")
-    other = make_memory("ham", I, D, target_fraction=0.2)
+    other = make_memory("ham", IN, D, target_fraction=0.2)
     other.load_state_dict(torch.load(tmp_path / "m.pt"))
     assert other.threshold == pytest.approx(0.77)
-    x, starts = torch.randn(B, T, I), random_starts(B, T)
+    x, starts = torch.randn(B, T, IN), random_starts(B, T)
     torch.testing.assert_close(mem(x, mem.initial_state(B), starts)[0], other(x, other.initial_state(B), starts)[0])
 
 

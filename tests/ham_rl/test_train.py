@@ -18,8 +18,17 @@ from ham_rl.runlog import METRICS_HEADER
 from ham_rl.train import TrainingStopped, train
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["agent.num_envs=4", "agent.num_steps=16", "agent.num_minibatches=2", "agent.update_epochs=2",
-        "agent.embed_size=16", "agent.head_size=16", "memory.hidden_size=16", "progress=false", "tensorboard=false"]  # fmt: skip
+TINY = [
+    "agent.num_envs=4",
+    "agent.num_steps=16",
+    "agent.num_minibatches=2",
+    "agent.update_epochs=2",
+    "agent.embed_size=16",
+    "agent.head_size=16",
+    "memory.hidden_size=16",
+    "progress=false",
+    "tensorboard=false",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -49,8 +58,20 @@ def test_run_dir_format(tmp_path):
     assert rows[1][7] == "0.5"  # threshold of ham
     saved = json.loads((run / "summary.json").read_text())
     assert saved == summary
-    assert set(saved) == {"env", "memory", "seed", "total_timesteps", "global_step", "num_params", "final_return", "mmer",
-                          "kv_fraction", "steps_per_s", "wall_time_s", "threshold"}  # fmt: skip
+    assert set(saved) == {
+        "env",
+        "memory",
+        "seed",
+        "total_timesteps",
+        "global_step",
+        "num_params",
+        "final_return",
+        "mmer",
+        "kv_fraction",
+        "steps_per_s",
+        "wall_time_s",
+        "threshold",
+    }
     assert saved["env"] == "popgym-RepeatPreviousEasy-v0" and saved["memory"] == "ham" and saved["global_step"] == 192
     assert "id: popgym-RepeatPreviousEasy-v0" in (run / "config.yaml").read_text()
     # evaluate: one threshold, then a sweep writing sweep.csv / sweep.png
@@ -163,8 +184,17 @@ def test_cli_smoke_train_evaluate_and_errors(tmp_path):
 
 
 def test_cli_multirun_one_dir_per_job(tmp_path):
-    p = _cli("-m", "ham_rl.train", "--multirun", "memory=gru,mlp", "seed=0,1", "total_timesteps=64", *TINY,
-             f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)  # fmt: skip
+    p = _cli(
+        "-m",
+        "ham_rl.train",
+        "--multirun",
+        "memory=gru,mlp",
+        "seed=0,1",
+        "total_timesteps=64",
+        *TINY,
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr
     dirs = sorted(d.name for d in (tmp_path / "sweep").iterdir() if d.is_dir())
     assert dirs == ["0_gru_s0", "1_gru_s1", "2_mlp_s0", "3_mlp_s1"]

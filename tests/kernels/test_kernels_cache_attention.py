@@ -51,7 +51,7 @@ def test_triton_cache_attention_matches_reference(B, T, S0, H, K, V, dtype, bloc
         o = fn(q, keys, values, visible, scale)
         outs.append([o, *torch.autograd.grad((o.float() * do).sum(), (q, keys, values))])
     tol = 1e-5 if dtype == torch.float32 else 5e-3
-    for name, a, b in zip(("o", "dq", "dkeys", "dvalues"), *outs):
+    for name, a, b in zip(("o", "dq", "dkeys", "dvalues"), *outs, strict=False):
         assert_close(name, a, b, tol)
     assert not outs[1][0][0, -1].any(), "a row with nothing visible must give 0"
     if T > block:  # the kernel does skip tiles: the HAM pattern leaves some (T-block, S-block) tiles empty
@@ -66,7 +66,11 @@ def test_dispatcher_runs_triton_when_forced(monkeypatch):
     monkeypatch.setattr(parallel.ParallelCacheAttentionFunction, "apply", lambda *a: calls.append(1) or original(*a))
     monkeypatch.setenv("HAM_RL_BACKEND", "triton")
     gen = torch.Generator().manual_seed(2)
-    q, keys, values = torch.randn(1, 6, 1, 16, generator=gen), torch.randn(1, 8, 1, 16, generator=gen), torch.randn(1, 8, 1, 16, generator=gen)
+    q, keys, values = (
+        torch.randn(1, 6, 1, 16, generator=gen),
+        torch.randn(1, 8, 1, 16, generator=gen),
+        torch.randn(1, 8, 1, 16, generator=gen),
+    )
     visible = ham_visible(1, 6, 2, 0.5, gen)
     got = cache_attention(q, keys, values, visible)
     assert calls, "HAM_RL_BACKEND=triton did not run the Triton kernel"

@@ -57,7 +57,7 @@ def test_naive_chunk_matches_recurrent(B, T, H, K, V, starts_mode, with_h0, chun
     xs, starts, h0 = _inputs(B, T, H, K, V, torch.float32, starts_mode, with_h0)
     ref = _run(naive_recurrent_gated_delta_rule, xs, starts, h0, 0.7)
     got = _run(lambda *a: naive_chunk_gated_delta_rule(*a, chunk_size=chunk_size), xs, starts, h0, 0.7)
-    for name, a, b in zip(NAMES, ref, got):
+    for name, a, b in zip(NAMES, ref, got, strict=False):
         assert_close(name, a, b, 1e-5)
 
 
@@ -77,7 +77,7 @@ def test_cpu_dispatch_uses_chunked_form(monkeypatch):
     xs, starts, h0 = _inputs(2, 20, 2, 16, 16, torch.float32, "inside", True)
     ref = _run(naive_recurrent_gated_delta_rule, xs, starts, h0, 1.0)
     got = _run(gated_delta_rule, xs, starts, h0, 1.0)
-    for name, a, b in zip(NAMES, ref, got):
+    for name, a, b in zip(NAMES, ref, got, strict=False):
         assert_close(name, a, b, 1e-5)
 
 
@@ -98,7 +98,7 @@ def test_triton_chunk_matches_recurrent(B, T, H, K, V, dtype, starts_mode, with_
     ref = _run(naive_recurrent_gated_delta_rule, xs, starts, h0, 0.7)
     got = _run(lambda *a: chunk_gated_delta_rule(*a, chunk_size=chunk_size), xs, starts, h0, 0.7)
     tol = 1e-5 if dtype == torch.float32 else 5e-3
-    for name, a, b in zip(NAMES, ref, got):
+    for name, a, b in zip(NAMES, ref, got, strict=False):
         assert_close(name, a, b, tol)
 
 
@@ -114,5 +114,5 @@ def test_dispatcher_runs_triton_when_forced(monkeypatch):
     got = _run(gated_delta_rule, xs, starts, h0, 1.0)
     ref = _run(naive_recurrent_gated_delta_rule, xs, starts, h0, 1.0)
     assert calls, "HAM_RL_BACKEND=triton did not run the Triton kernel"
-    for name, a, b in zip(NAMES, ref, got):
+    for name, a, b in zip(NAMES, ref, got, strict=False):
         assert_close(name, a, b, 1e-5)
