@@ -35,8 +35,16 @@ class CachePlan:
 
 
 @torch.no_grad()
-def plan_cache(cache: KVCache, starts: Tensor, steps: Tensor, score: Tensor, routed: Tensor, capacity: int) -> CachePlan:
-    """Replay routing for a segment; ``starts``, ``steps``, ``score``, ``routed`` are ``[B, T]``; capacity 0 = unbounded."""
+def plan_cache(
+    cache: KVCache, starts: Tensor, steps: Tensor, score: Tensor, routed: Tensor, capacity: int, fifo: bool = False
+) -> CachePlan:
+    """Replay routing for a segment; ``starts``, ``steps``, ``score``, ``routed`` are ``[B, T]``; capacity 0 = unbounded.
+
+    ``fifo=True`` promises that every token is routed with the same score (window memories), so a full cache always
+    evicts its oldest entry and the plan has a closed form.
+    """
+    if capacity > 0 and fifo:
+        return _plan_fifo(cache, starts, steps, capacity)
     if capacity > 0:
         return _plan_with_capacity(cache, starts, steps, score, routed, capacity)
     T = starts.shape[1]
@@ -52,6 +60,26 @@ def plan_cache(cache: KVCache, starts: Tensor, steps: Tensor, score: Tensor, rou
     order = torch.argsort((~in_final).to(torch.int8), dim=1, stable=True)  # chosen candidates first, in order
     width = max(int(length.max()), 1)
     return CachePlan(visible=visible, final_source=order[:, :width], final_length=length)
+
+
+def _plan_fifo(cache: KVCache, starts: Tensor, steps: Tensor, window: int) -> CachePlan:
+    """Every token cached, the oldest evicted: the entry of episode step n sits in slot n mod window."""
+    T = starts.shape[1]
+    episode = starts.long().cumsum(1)  # [B, T]
+    t_idx = torch.arange(T, device=starts.device)
+    recent = steps[:, :, None] - window  # [B, T, 1]: a token sees entries written after this step
+    see_carried = (episode == 0)[:, :, None] & cache.valid_mask()[:, None, :] & (cache.times[:, None, :] > recent)
+    causal = (t_idx[None, :] <= t_idx[:, None])[None]
+    see_segment = causal & (episode[:, None, :] == episode[:, :, None]) & (steps[:, None, :] > recent)
+    visible = torch.cat([see_carried, see_segment], 2)  # [B, T, L0 + T]
+    in_final = visible[:, -1]
+    length = in_final.sum(1)
+    width = max(int(length.max()), 1)
+    candidate_steps = torch.cat([cache.times, steps], 1)  # [B, L0 + T]
+    slot = torch.where(in_final, candidate_steps % window, window)  # candidates not kept go to a dump column
+    final_source = torch.zeros(starts.shape[0], window + 1, dtype=torch.long, device=starts.device)
+    final_source.scatter_(1, slot, torch.arange(slot.shape[1], device=starts.device).expand_as(slot))
+    return CachePlan(visible=visible, final_source=final_source[:, :width], final_length=length)
 
 
 def _plan_with_capacity(

@@ -208,7 +208,7 @@ class HybridMemory(Memory):
                 score = surprise_score(v_hat, p["v"])  # [B, T]
         if self.use_attention:
             routed = score.detach() >= self.tau
-            plan = plan_cache(cache, starts, steps, score.detach(), routed, self.capacity)
+            plan = plan_cache(cache, starts, steps, score.detach(), routed, self.capacity, fifo=self.router == "all")
             values = p["v"]
             if self.router == "learned":
                 # Straight-through: 1 in the forward pass, d/dr = 1/r so the router learns from attention's use

@@ -22,14 +22,21 @@ HAM_VARIANTS = {
 }
 
 
+# Windows shorter than a segment, so the oldest entries are evicted inside it and across the carried-in cache.
+SMALL_WINDOWS = {"window-evicting": ("window", {"window": 5}), "hqlt-evicting": ("hqlt", {"window": 3})}
+
+
 def build(case: str):
     if case in MEMORIES:
         return make_memory(case, IN, D)
+    if case in SMALL_WINDOWS:
+        name, options = SMALL_WINDOWS[case]
+        return make_memory(name, IN, D, **options)
     name = "ham-learned" if case.startswith("ham-learned") else "ham"
     return make_memory(name, IN, D, **HAM_VARIANTS[case])
 
 
-CASES = list(MEMORIES) + [c for c in HAM_VARIANTS if c not in MEMORIES]
+CASES = list(MEMORIES) + [c for c in HAM_VARIANTS if c not in MEMORIES] + list(SMALL_WINDOWS)
 
 
 @pytest.mark.parametrize("case", CASES)
