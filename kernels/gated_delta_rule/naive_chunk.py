@@ -25,7 +25,7 @@ from kernels.gated_delta_rule.reference import accumulation_dtype
 
 __all__ = ["naive_chunk_gated_delta_rule", "DEFAULT_CPU_CHUNK_SIZE"]
 
-DEFAULT_CPU_CHUNK_SIZE = 16
+DEFAULT_CPU_CHUNK_SIZE = 32
 
 
 def naive_chunk_gated_delta_rule(
