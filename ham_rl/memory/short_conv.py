@@ -34,9 +34,9 @@ class ShortConv(nn.Module):
         """``x [B, T, C]``, ``history [B, size-1, C]``, ``steps [B, T]`` step in episode -> ``(y [B, T, C], history)``."""
         T = x.shape[1]
         padded = torch.cat([history.to(x.dtype), x], 1)  # [B, size - 1 + T, C]
-        y = self.bias.expand_as(x)
-        for j in range(self.size):
-            # x_{t-j} exists in this episode only if the episode is at least j steps old at t.
-            lag = padded[:, self.size - 1 - j : self.size - 1 - j + T]
-            y = y + self.weight[j] * lag * (steps >= j)[..., None].to(x.dtype)
+        windows = padded.unfold(1, self.size, 1)  # [B, T, C, size]; position p holds x_{t - (size - 1 - p)}
+        lags = torch.arange(self.size - 1, -1, -1, device=x.device)  # the lag of each window position
+        # x_{t-j} exists in this episode only if the episode is at least j steps old at t.
+        in_episode = (steps[..., None] >= lags).to(x.dtype)  # [B, T, size]
+        y = (windows * self.weight.flip(0).T).mul(in_episode[:, :, None, :]).sum(-1) + self.bias
         return nn.functional.silu(y), padded[:, T:]
