@@ -1,7 +1,7 @@
 """Chunked (WY / UT-transform) gated delta rule in plain PyTorch: the CPU path of ``gated_delta_rule``.
 
 Same arguments, defaults and return tuple as ``naive_recurrent_gated_delta_rule``; autograd runs through plain
-torch ops (``torch.linalg.solve_triangular`` included). The derivation is in ``README.md`` beside this file.
+torch ops (``torch.linalg.solve_triangular`` included). ``README.md`` beside this file derives it.
 Per chunk of C tokens with entering state S0 (``[K, V]`` per head), chunk-local cumulative log decay G, and
 ``same[i, j]`` true when tokens i and j lie in the same episode (resets come from a cumsum of ``starts``, never
 from ``-inf`` log decays)::
