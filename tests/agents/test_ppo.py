@@ -16,14 +16,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_env import register_tiny_env  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _ppo(memory: str, env: str, num_envs=4, num_steps=16, total=10**6, seed=0, **ppo):
     torch.manual_seed(seed)
     venv = VecEnv(env, num_envs, seed=seed)
