@@ -47,31 +47,36 @@ def plan_cache(
         return _plan_fifo(cache, starts, steps, capacity)
     if capacity > 0:
         return _plan_with_capacity(cache, starts, steps, score, routed, capacity)
+    see_carried, see_segment = _episode_visibility(cache, starts)
+    visible = torch.cat([see_carried, see_segment & routed[:, None, :]], 2)
+    # The final cache is what the last token sees, kept in candidate order (carried slots, then time order).
+    order, length = _chosen_first(visible[:, -1])
+    return CachePlan(visible=visible, final_source=order, final_length=length)
+
+
+def _episode_visibility(cache: KVCache, starts: Tensor) -> tuple[Tensor, Tensor]:
+    """Which candidates lie in each token's episode, at or before it: ``([B, T, L0] carried, [B, T, T] segment)``."""
     T = starts.shape[1]
     episode = starts.long().cumsum(1)  # [B, T]; 0 = the episode carried in from before the segment
     t_idx = torch.arange(T, device=starts.device)
-    see_carried = (episode == 0)[:, :, None] & cache.valid_mask()[:, None, :]  # [B, T, L0]
+    see_carried = (episode == 0)[:, :, None] & cache.valid_mask()[:, None, :]
     causal = (t_idx[None, :] <= t_idx[:, None])[None]  # [1, T(query), T(key)]
-    see_segment = routed[:, None, :] & causal & (episode[:, None, :] == episode[:, :, None])  # [B, T, T]
-    visible = torch.cat([see_carried, see_segment], 2)
-    # The final cache is what the last token sees, kept in candidate order (carried slots, then time order).
-    in_final = visible[:, -1]
-    length = in_final.sum(1)
-    order = torch.argsort((~in_final).to(torch.int8), dim=1, stable=True)  # chosen candidates first, in order
-    width = max(int(length.max()), 1)
-    return CachePlan(visible=visible, final_source=order[:, :width], final_length=length)
+    return see_carried, causal & (episode[:, None, :] == episode[:, :, None])
+
+
+def _chosen_first(chosen: Tensor) -> tuple[Tensor, Tensor]:
+    """``chosen [B, S]`` bool -> (indices of the chosen columns first, in order, ``[B, max count]``; counts ``[B]``)."""
+    count = chosen.sum(1)
+    order = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True)
+    return order[:, : max(int(count.max()), 1)], count
 
 
 def _plan_fifo(cache: KVCache, starts: Tensor, steps: Tensor, window: int) -> CachePlan:
     """Every token cached, the oldest evicted: the entry of episode step n sits in slot n mod window."""
-    T = starts.shape[1]
-    episode = starts.long().cumsum(1)  # [B, T]
-    t_idx = torch.arange(T, device=starts.device)
     recent = steps[:, :, None] - window  # [B, T, 1]: a token sees entries written after this step
-    see_carried = (episode == 0)[:, :, None] & cache.valid_mask()[:, None, :] & (cache.times[:, None, :] > recent)
-    causal = (t_idx[None, :] <= t_idx[:, None])[None]
-    see_segment = causal & (episode[:, None, :] == episode[:, :, None]) & (steps[:, None, :] > recent)
-    visible = torch.cat([see_carried, see_segment], 2)  # [B, T, L0 + T]
+    see_carried, see_segment = _episode_visibility(cache, starts)
+    see_carried = see_carried & (cache.times[:, None, :] > recent)
+    visible = torch.cat([see_carried, see_segment & (steps[:, None, :] > recent)], 2)  # [B, T, L0 + T]
     in_final = visible[:, -1]
     length = in_final.sum(1)
     width = max(int(length.max()), 1)
@@ -121,7 +126,5 @@ def seen_candidates(visible: Tensor) -> tuple[Tensor, Tensor]:
     HAM caches a few percent of the tokens, so most candidate columns are never visible; attending over the
     columns in use (padded to the env that uses most) makes the attention cost follow the cache, not T.
     """
-    used = visible.any(1)  # [B, S]
-    width = max(int(used.sum(1).max()), 1)
-    index = torch.argsort((~used).to(torch.int8), dim=1, stable=True)[:, :width]  # used columns first, in order
+    index, _ = _chosen_first(visible.any(1))  # used columns first, in order
     return index, visible.gather(2, index[:, None, :].expand(-1, visible.shape[1], -1))

@@ -12,7 +12,15 @@ from torch import Tensor
 
 from kernels.gated_delta_rule.reference import accumulation_dtype
 
-__all__ = ["masked_cache_attention"]
+__all__ = ["masked_cache_attention", "masked_softmax"]
+
+
+def masked_softmax(logits: Tensor, mask: Tensor, dim: int) -> Tensor:
+    """Softmax over ``dim`` restricted to ``mask``; a slice with nothing allowed gives zeros, not NaN."""
+    logits = logits.masked_fill(~mask, float("-inf"))
+    # An all-masked slice has max -inf; a finite floor keeps exp() at 0 instead of NaN.
+    weights = (logits - logits.amax(dim, keepdim=True).clamp_min(-1e30).detach()).exp() * mask
+    return weights / weights.sum(dim, keepdim=True).clamp_min(1e-30)
 
 
 def masked_cache_attention(
@@ -35,11 +43,5 @@ def masked_cache_attention(
     if isinstance(scale, Tensor):
         scale = scale.to(acc)[:, None, None]  # [H] -> [H, 1, 1], broadcast over [B, H, T, S]
     logits = torch.einsum("bthk,bshk->bhts", q.to(acc), keys.to(acc)) * scale  # [B, H, T, S]
-    mask = visible[:, None]  # [B, 1, T, S]
-    logits = logits.masked_fill(~mask, float("-inf"))
-    # A row with nothing visible would be all -inf; give it a finite max so softmax yields zeros, not NaN.
-    row_max = logits.amax(-1, keepdim=True).clamp_min(-1e30).detach()
-    weights = (logits - row_max).exp() * mask
-    denom = weights.sum(-1, keepdim=True)
-    weights = weights / denom.clamp_min(1e-30)
+    weights = masked_softmax(logits, visible[:, None], dim=-1)  # mask [B, 1, T, S]
     return torch.einsum("bhts,bshv->bthv", weights, values.to(acc)).to(q.dtype)

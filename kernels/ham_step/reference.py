@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels.cache_attention.reference import masked_softmax
 from kernels.gated_delta_rule.reference import accumulation_dtype, gated_delta_rule_step
 
 __all__ = ["ham_step", "surprise_score", "choose_slot"]
@@ -123,9 +124,7 @@ def ham_step(
             scale = scale.to(acc)  # [H], broadcast over [B, L, H]
         # Multiply-and-sum in the cache's own [B, L, H, .] layout: an einsum would copy the whole cache per step.
         logits = (keys.to(acc) * q.to(acc)[:, None]).sum(-1) * scale  # [B, L, H]
-        logits = logits.masked_fill(~valid[..., None], float("-inf"))
-        weights = (logits - logits.amax(1, keepdim=True).clamp_min(-1e30)).exp() * valid[..., None]
-        weights = weights / weights.sum(1, keepdim=True).clamp_min(1e-30)
+        weights = masked_softmax(logits, valid[..., None], dim=1)
         o_kv = (weights[..., None] * values.to(acc)).sum(1)  # [B, H, V]
         o = o + gate_attn[..., None].to(acc) * o_kv
     return o, rnn_state, length, score, routed
