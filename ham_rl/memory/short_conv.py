@@ -32,11 +32,12 @@ class ShortConv(nn.Module):
 
     def forward(self, x: Tensor, history: Tensor, steps: Tensor) -> tuple[Tensor, Tensor]:
         """``x [B, T, C]``, ``history [B, size-1, C]``, ``steps [B, T]`` step in episode -> ``(y [B, T, C], history)``."""
-        T = x.shape[1]
-        padded = torch.cat([history.to(x.dtype), x], 1)  # [B, size - 1 + T, C]
-        windows = padded.unfold(1, self.size, 1)  # [B, T, C, size]; position p holds x_{t - (size - 1 - p)}
-        lags = torch.arange(self.size - 1, -1, -1, device=x.device)  # the lag of each window position
-        # x_{t-j} exists in this episode only if the episode is at least j steps old at t.
-        in_episode = (steps[..., None] >= lags).to(x.dtype)  # [B, T, size]
-        y = (windows * self.weight.flip(0).T).mul(in_episode[:, :, None, :]).sum(-1) + self.bias
+        T, K = x.shape[1], self.size
+        padded = torch.cat([history.to(x.dtype), x], 1)  # [B, K - 1 + T, C]; row K - 1 + t holds x_t
+        y = x * self.weight[0] + self.bias
+        # One shifted slice per lag: contiguous rows, cheaper forward and backward than an unfold's strided windows.
+        for j in range(1, K):
+            # x_{t-j} exists in this episode only if the episode is at least j steps old at t.
+            in_episode = (steps >= j).to(x.dtype)[..., None]  # [B, T, 1]
+            y = y + padded[:, K - 1 - j : K - 1 - j + T] * in_episode * self.weight[j]
         return nn.functional.silu(y), padded[:, T:]
