@@ -1,4 +1,4 @@
-"""Attention over each token's visible cache entries: ``cache_attention`` dispatches to Triton or the reference."""
+"""Attention over each token's visible cache entries: ``cache_attention`` dispatches to Triton or torch's SDPA."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import torch
 from torch import Tensor
 
 from kernels.cache_attention.reference import masked_cache_attention
+from kernels.cache_attention.sdpa import sdpa_cache_attention
 from kernels.triton_utils import resolve_backend
 
-__all__ = ["cache_attention", "masked_cache_attention"]
+__all__ = ["cache_attention", "masked_cache_attention", "sdpa_cache_attention"]
 
 
 def cache_attention(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor, scale: float | Tensor | None = None) -> Tensor:
@@ -16,7 +17,7 @@ def cache_attention(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor, sc
 
     Runs the block-sparse Triton kernel (``parallel.parallel_cache_attention``, forward and backward) when
     ``resolve_backend(q)`` is ``"triton"``, unless ``scale`` is a tensor that needs a gradient (the kernel does not
-    differentiate the scale); the reference otherwise.
+    differentiate the scale); torch's fused ``scaled_dot_product_attention`` (``sdpa.py``) otherwise.
 
     Args:
         q: ``[B, T, H, K]``; keys ``[B, S, H, K]``; values ``[B, S, H, V]``; visible ``[B, T, S]`` bool.
@@ -30,4 +31,4 @@ def cache_attention(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor, sc
         from kernels.cache_attention.parallel import parallel_cache_attention
 
         return parallel_cache_attention(q, keys, values, visible, scale)
-    return masked_cache_attention(q, keys, values, visible, scale)
+    return sdpa_cache_attention(q, keys, values, visible, scale)

@@ -1,0 +1,36 @@
+"""Cache attention through ``torch.nn.functional.scaled_dot_product_attention``: the CPU path.
+
+torch's fused attention takes the ``visible`` mask as a boolean ``attn_mask`` and has its own backward, so one
+call replaces the reference's einsum, masked softmax and einsum (about 2-4x faster forward + backward on CPU at
+the sizes PPO uses). The reference in ``reference.py`` stays the truth that tests compare against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels.gated_delta_rule.reference import accumulation_dtype
+
+__all__ = ["sdpa_cache_attention"]
+
+
+def sdpa_cache_attention(
+    q: Tensor, keys: Tensor, values: Tensor, visible: Tensor, scale: float | Tensor | None = None
+) -> Tensor:
+    """Arguments and return as ``masked_cache_attention``; rows with nothing visible are 0."""
+    acc = accumulation_dtype(q.dtype)
+    if isinstance(scale, Tensor):  # a per-head scale folds into q: SDPA takes one float
+        q, scale = q * scale.to(q.dtype)[:, None], 1.0
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    o = F.scaled_dot_product_attention(
+        q.to(acc).transpose(1, 2),  # [B, H, T, K]
+        keys.to(acc).transpose(1, 2),
+        values.to(acc).transpose(1, 2),
+        attn_mask=visible[:, None],  # [B, 1, T, S], shared by the heads
+        scale=scale,
+    ).transpose(1, 2)
+    # torch >= 2.5 already returns 0 for a row that sees nothing; older builds return NaN there, so zero it anyway.
+    anything = visible.any(-1)[..., None, None]  # [B, T, 1, 1]
+    return torch.where(anything, o, torch.zeros((), dtype=o.dtype, device=o.device)).to(q.dtype)
