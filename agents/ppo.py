@@ -171,6 +171,8 @@ class PPO:
                 self.cache_len[t] = self.state.cache_len  # cache length after this step (episode end if done)
                 self.next_obs, self.rewards[t], self.dones[t], finished = venv.step(head.to_env(action))
                 self.next_start = self.dones[t].copy()
+                if venv.truncated.any():
+                    self.rewards[t] += self._truncation_bootstrap()
                 for _, ret, length in finished:
                     self.ep_returns.append(ret)
                     self.ep_lengths.append(length)
@@ -184,6 +186,20 @@ class PPO:
         has_cache = self.state.cache is not None
         kv_len_mean = float(self.cache_len[dones_t].float().mean()) if n_done and has_cache else None
         return {"episodes": n_done, "kv_len_mean": kv_len_mean}
+
+    def _truncation_bootstrap(self) -> np.ndarray:
+        """``gamma * V(last observation)`` for the envs a time limit cut off (0 elsewhere), as SB3 does.
+
+        A truncated episode did not end in a terminal state, so its return continues beyond the cut; the value of
+        the last observation, read from the env's memory state (stepped on a copy), stands in for it.
+        """
+        cut = np.flatnonzero(self.venv.truncated)
+        x = torch.from_numpy(self.venv.final_features[cut]).to(self.device)
+        no_start = torch.zeros(len(cut), dtype=torch.bool, device=self.device)
+        value = self.agent.value(x, self.state[torch.from_numpy(cut).to(self.device)].clone(), no_start)
+        bonus = np.zeros(self.cfg.num_envs, dtype=np.float32)
+        bonus[cut] = self.cfg.gamma * value.cpu().numpy()
+        return bonus
 
     def compute_advantages(self) -> tuple[torch.Tensor, torch.Tensor]:
         """GAE over the rollout; returns advantages and returns, both ``[T, B]``."""

@@ -6,8 +6,9 @@ this is a plain Python loop over the envs, which also lets us control autoreset.
 Autoreset: when env b terminates or truncates at step t, its episode statistics are recorded, it is reset in the
 same call, and the features returned for b are those of the reset observation with ``starts[b] = True``. There is
 no "dead" transition (gymnasium 1.x vector envs default to NEXT_STEP autoreset, whose step after a done returns
-the reset observation with reward 0; we never produce that step). A truncation is treated like a termination
-(no bootstrap from the final observation); popgym envs never truncate.
+the reset observation with reward 0; we never produce that step). A truncated episode (a time limit, not a terminal
+state) also ends there, and its last observation's features stay readable in ``final_features`` (where
+``truncated`` is True) so that the trainer can bootstrap the value of the state the time limit cut off.
 
 Features per env (``[B, feature_dim]`` float32): the encoded observation, then (switchable) the one-hot previous
 action and the previous reward; both are zero at the first step of an episode.
@@ -61,6 +62,10 @@ class VecEnv:
         self._obs: list[Any] = [None] * b
         self._actions: list[Any] = [None] * b
         self._rewards = np.zeros(b, dtype=np.float32)
+        #: after each step: which envs were cut off by truncation (not terminated), and the features of their
+        #: last observation (before the reset), valid where ``truncated`` is True
+        self.truncated = np.zeros(b, dtype=bool)
+        self.final_features = np.zeros((b, self.feature_dim), dtype=np.float32)
 
     # ------------------------------------------------------------------------------------------------------------
     def reset(self) -> tuple[np.ndarray, np.ndarray]:
@@ -87,6 +92,8 @@ class VecEnv:
         act_list = actions.tolist()
         finished = []
         dones = np.zeros(self.num_envs, dtype=bool)
+        self.truncated[:] = False
+        final_obs: dict[int, Any] = {}
         for i, env in enumerate(self.envs):
             obs, r, term, trunc, _ = env.step(act_list[i])
             r = float(r)
@@ -98,16 +105,27 @@ class VecEnv:
                 finished.append((i, float(self._ep_return[i]), int(self._ep_length[i])))
                 self._ep_return[i] = 0.0
                 self._ep_length[i] = 0
+                if trunc and not term:
+                    self.truncated[i] = True
+                    final_obs[i] = obs
                 obs, _ = env.reset()
             self._obs[i] = obs
         self._actions = act_list
         rewards = self._rewards.copy()
+        if final_obs:  # the cut-off episodes' last observations, as if no reset had happened
+            as_if_running = [final_obs.get(i, o) for i, o in enumerate(self._obs)]
+            self.final_features[:] = self._make_features(actions, as_if_running, np.zeros(self.num_envs, dtype=bool))
         self._starts = dones
         return self._make_features(actions), rewards, dones.copy(), finished
 
-    def _make_features(self, actions: np.ndarray | None = None) -> np.ndarray:
+    def _make_features(
+        self, actions: np.ndarray | None = None, obs: list | None = None, starts: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Features of ``obs`` (default: the current observations) after ``actions``; zero extras where ``starts``."""
+        obs = self._obs if obs is None else obs
+        starts = self._starts if starts is None else starts
         f = self._features
-        self.obs_encoder(self._obs, out=f[:, : self.obs_dim])
+        self.obs_encoder(obs, out=f[:, : self.obs_dim])
         col = self.obs_dim
         if self.act_encoder is not None:
             if actions is None:
@@ -119,7 +137,7 @@ class VecEnv:
             f[:, col] = self._rewards
         # a new episode has no previous action or reward
         if self.feature_dim > self.obs_dim:
-            f[self._starts, self.obs_dim :] = 0.0
+            f[starts, self.obs_dim :] = 0.0
         return f.copy()
 
     def _encodable_actions(self, actions: np.ndarray) -> list:

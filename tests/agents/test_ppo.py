@@ -131,3 +131,55 @@ def test_learns_tiny_memory_task(memory):
     trained = _mean_return(ppo)
     assert untrained < 0.6
     assert trained > 0.85, (untrained, trained)
+
+
+@pytest.mark.parametrize("memory", ["ham", "gru"])
+def test_truncated_episodes_bootstrap_from_the_last_observation(memory):
+    from tiny_env import TRUNCATED_ENV_ID
+
+    register_tiny_env()
+    ppo = _ppo(memory, TRUNCATED_ENV_ID, num_envs=3, num_steps=8)
+    raw, finals = [], []
+    env_step = ppo.venv.step
+
+    def recording_step(actions):
+        out = env_step(actions)
+        raw.append(out[1].copy())
+        finals.append((ppo.venv.truncated.copy(), ppo.venv.final_features.copy()))
+        return out
+
+    ppo.venv.step = recording_step
+    ppo.collect_rollout()
+    cut = np.stack([c for c, _ in finals])  # [T, B]
+    assert cut[2].all() and cut[5].all() and cut.sum() == 6  # every 3rd step is a time-limit cut
+    bonus = ppo.rewards - np.stack(raw)
+    assert (bonus[~cut] == 0).all()
+    # The bootstrap is gamma * V(last observation) from the env's memory state after step t, recomputed here
+    # with the sequence form over the rollout so far.
+    x = torch.from_numpy(ppo.obs).transpose(0, 1)
+    starts = torch.from_numpy(ppo.starts).transpose(0, 1)
+    with torch.no_grad():
+        for t in (2, 5):
+            _, state = ppo.agent.memory(ppo.agent.encoder(x[:, : t + 1]), ppo.state0.clone(), starts[:, : t + 1])
+            last = torch.from_numpy(finals[t][1])
+            expected = ppo.cfg.gamma * ppo.agent.value(last, state, torch.zeros(3, dtype=torch.bool))
+            np.testing.assert_allclose(bonus[t], expected.numpy(), atol=1e-5)
+    assert (np.abs(bonus[cut]) > 0).all()
+
+
+def test_final_features_of_a_truncated_episode():
+    from tiny_env import TRUNCATED_ENV_ID
+
+    register_tiny_env()
+    venv = VecEnv(TRUNCATED_ENV_ID, 2, seed=0)
+    venv.reset()
+    for _ in range(2):
+        _, _, done, _ = venv.step(np.array([1, 0]))
+        assert not done.any() and not venv.truncated.any()
+    x, r, done, _ = venv.step(np.array([1, 0]))
+    assert done.all() and venv.truncated.all()
+    # last observation: the blank symbol 2, then the previous action one-hot and the previous reward
+    np.testing.assert_array_equal(venv.final_features[:, :3], [[0, 0, 1], [0, 0, 1]])
+    np.testing.assert_array_equal(venv.final_features[:, 3:5], [[0, 1], [1, 0]])
+    np.testing.assert_allclose(venv.final_features[:, 5], r)
+    assert (x[:, 3:] == 0).all()  # the returned features already start the next episode

@@ -10,6 +10,8 @@ import numpy as np
 from gymnasium import spaces
 
 TINY_ENV_ID = "ham_rl_test/RecallFirst-v0"
+#: the same task cut off by a time limit of 3 steps, before the episode's own end at step 5 (truncation, no terminal)
+TRUNCATED_ENV_ID = "ham_rl_test/RecallFirstCut-v0"
 
 
 class RecallFirst(gym.Env):
@@ -33,6 +35,8 @@ class RecallFirst(gym.Env):
 def register_tiny_env() -> str:
     if TINY_ENV_ID not in gym.registry:
         gym.register(TINY_ENV_ID, entry_point=RecallFirst, disable_env_checker=True)
+    if TRUNCATED_ENV_ID not in gym.registry:
+        gym.register(TRUNCATED_ENV_ID, entry_point=RecallFirst, disable_env_checker=True, max_episode_steps=3)
     return TINY_ENV_ID
 
 
