@@ -38,7 +38,14 @@ OmegaConf.register_new_resolver("ham_rl_run_dir", _run_dir_resolver, replace=Tru
 
 
 class TrainingStopped(RuntimeError):
-    """Training stopped on a non-finite loss; the last good checkpoint is kept."""
+    """Training stopped early (non-finite loss, Ctrl-C); the last good checkpoint is kept.
+
+    :param exit_code: the CLI's exit status (1; 130 for an interrupt, as shells report Ctrl-C)
+    """
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def prepare_config(cfg: DictConfig) -> tuple[DictConfig, PPOConfig]:
@@ -112,7 +119,7 @@ def train(cfg: DictConfig) -> dict:
 
     :raises ConfigError: bad config, unknown env/memory, resume dir with another config (nothing written)
     :raises CheckpointError: missing or corrupt checkpoint on resume (nothing written)
-    :raises TrainingStopped: non-finite loss (the last good checkpoint is kept, no new one written)
+    :raises TrainingStopped: non-finite loss or Ctrl-C (the last good checkpoint is kept, no new one written)
     """
     cfg, ppo_cfg = prepare_config(cfg)
     device = resolve_device(cfg.device)
@@ -169,7 +176,10 @@ def train(cfg: DictConfig) -> dict:
         desc=f"{cfg.memory.name} {cfg.env.id}",
     )
 
+    saved = {"update": ppo.update, "step": ppo.global_step}  # what checkpoints/last.pt holds
+
     def checkpoint(t_now: float) -> None:
+        saved.update(update=ppo.update, step=ppo.global_step)
         save_checkpoint(
             {
                 "config": OmegaConf.to_container(cfg),
@@ -189,6 +199,15 @@ def train(cfg: DictConfig) -> dict:
             except NonFiniteLossError as e:
                 where = f"last good checkpoint: {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
                 raise TrainingStopped(f"{e}; run stopped, {where}") from e
+            except KeyboardInterrupt:
+                # A half-done update is not a state to save: the last checkpoint (an update boundary) stays.
+                if not ckpt_path.exists():
+                    raise TrainingStopped("interrupted before the first checkpoint; nothing to resume") from None
+                raise TrainingStopped(
+                    f"interrupted during update {ppo.update + 1}; the checkpoint of update {saved['update']} "
+                    f"(step {saved['step']}) is kept; continue with resume={run_dir}",
+                    exit_code=130,
+                ) from None
             updates_here += 1
             now = time.perf_counter()
             fps = (ppo.global_step - start_step) / max(now - t0, 1e-9)
@@ -254,7 +273,7 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     except TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

@@ -191,3 +191,28 @@ def test_cli_multirun_one_dir_per_job(tmp_path):
     dirs = sorted(d.name for d in (tmp_path / "sweep").iterdir() if d.is_dir())
     assert dirs == ["0_gru_s0", "1_gru_s1", "2_mlp_s0", "3_mlp_s1"]
     assert all((tmp_path / "sweep" / d / "summary.json").exists() for d in dirs)
+
+
+def test_ctrl_c_keeps_the_last_checkpoint_and_resume_finishes_the_run(tmp_path, monkeypatch):
+    from agents.ppo import PPO
+
+    run = tmp_path / "run"
+    real = PPO.iterate
+    calls = {"n": 0}
+
+    def interrupted(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            self.collect_rollout()  # part of an update has run when the user presses Ctrl-C
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(PPO, "iterate", interrupted)
+    args = (f"run_dir={run}", "memory=gru", "total_timesteps=320", "checkpoint_every=1")
+    with pytest.raises(TrainingStopped, match=r"interrupted during update 3; the checkpoint of update 2 \(step 128\)") as e:
+        train(cfg_of(*args))
+    assert e.value.exit_code == 130 and f"resume={run}" in str(e.value)
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["ppo"]["update"] == 2
+    monkeypatch.setattr(PPO, "iterate", real)
+    summary = train(cfg_of(*args[1:], f"resume={run}"))
+    assert summary["global_step"] == 320
