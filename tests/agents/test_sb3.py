@@ -316,3 +316,11 @@ def test_predict_rejects_lstm_state():
 def test_batch_size_not_whole_rows_warns():
     with pytest.warns(UserWarning, match="whole env rows"):
         HAMRecurrentPPO("MlpHamPolicy", make_env(), policy_kwargs=dict(memory="gru"), **{**SMALL, "batch_size": 100})
+
+
+def test_adam_is_fused_unless_the_user_says_otherwise():
+    assert make_model("gru").policy.optimizer.param_groups[0]["fused"] is True
+    plain = make_model("gru", optimizer_kwargs=dict(eps=1e-5, fused=False))
+    assert plain.policy.optimizer.param_groups[0]["fused"] is False
+    sgd = make_model("gru", optimizer_class=th.optim.SGD, optimizer_kwargs=dict(momentum=0.9))
+    assert isinstance(sgd.policy.optimizer, th.optim.SGD)
