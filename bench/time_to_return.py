@@ -4,7 +4,8 @@ Throughput alone hides how much each trainer learns per env step, so this trains
 env steps on the same env, number of envs and rollout length, and reports when (env steps and seconds) the mean
 return of the last 100 episodes first reaches each target, and where it ends.
 
-- ours-<memory>: ``agents.PPO`` with the trainer's defaults (configs/agent/ppo.yaml) and that memory.
+- ours-<memory>: ``agents.PPO`` with the trainer's defaults (configs/agent/ppo.yaml) and that memory (ham, gru,
+  or mlp: no memory, the floor).
 - RecurrentPPO-defaults: ``RecurrentPPO("MlpLstmPolicy", env, n_steps=...)`` with an LSTM of the same hidden size and
   everything else at sb3-contrib's defaults (batch 128, 10 epochs, lr 3e-4, a critic LSTM).
 - RecurrentPPO-matched: our PPO settings (minibatches of the same size, 4 epochs, lr 1e-3 annealed, entropy 0.01) and
@@ -30,7 +31,8 @@ sys.path.insert(0, os.path.dirname(_HERE))
 import numpy as np
 import torch
 
-CONTENDERS = ("ours-ham", "ours-gru", "RecurrentPPO-defaults", "RecurrentPPO-matched")
+CONTENDERS = ("ours-ham", "ours-gru", "ours-mlp", "RecurrentPPO-defaults", "RecurrentPPO-matched")
+DEFAULT_CONTENDERS = ("ours-ham", "ours-gru", "RecurrentPPO-defaults", "RecurrentPPO-matched")
 
 
 def ours(memory: str, args) -> list[tuple[int, float, float]]:
@@ -114,7 +116,7 @@ def main() -> None:
     p.add_argument("--targets", type=float, nargs="+", default=[0.0, 0.5, 0.9])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(DEFAULT_CONTENDERS))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
