@@ -33,24 +33,24 @@ sys.path.insert(0, os.path.dirname(_HERE))
 
 import torch
 
+from agents import PPOConfig
+from bench.contenders import SB3_SETTINGS, make_ours, make_recurrent_ppo
 
-def ours(memory: str, args) -> float:
-    from agents import PPO, PPOConfig, RecurrentActorCritic
-    from envs import VecEnv
 
-    torch.manual_seed(0)
-    venv = VecEnv(args.env, args.num_envs, seed=0)
-    cfg = PPOConfig(
+def _config(args) -> PPOConfig:
+    return PPOConfig(
         num_envs=args.num_envs,
         num_steps=args.num_steps,
         num_minibatches=args.minibatches,
         update_epochs=4,
         learning_rate=5e-4,
+        anneal_lr=False,
         ent_coef=0.01,
     )
-    opts = {"num_heads": 4} if memory.startswith("ham") else {}
-    agent = RecurrentActorCritic(venv.feature_dim, venv.action_space, memory, args.hidden, opts)
-    ppo = PPO(agent, venv, cfg, total_timesteps=args.steps)
+
+
+def ours(memory: str, args) -> float:
+    ppo = make_ours(args.env, memory, args.hidden, _config(args), args.steps, seed=0)
     t = time.perf_counter()
     while ppo.update < ppo.num_updates:
         ppo.iterate()
@@ -58,29 +58,7 @@ def ours(memory: str, args) -> float:
 
 
 def recurrent_ppo(args, settings: str) -> float:
-    import popgym  # noqa: F401  (registers the popgym ids)
-    from sb3_contrib import RecurrentPPO
-    from stable_baselines3.common.env_util import make_vec_env
-
-    from envs import resolve_env_id
-
-    env = make_vec_env(resolve_env_id(args.env), n_envs=args.num_envs, seed=0)
-    if settings == "matched":
-        ppo_kwargs = dict(
-            batch_size=args.num_envs * args.num_steps // args.minibatches, n_epochs=4, learning_rate=5e-4, ent_coef=0.01
-        )
-        arch = dict(shared_lstm=True, enable_critic_lstm=False)
-    else:
-        ppo_kwargs, arch = {}, {}
-    model = RecurrentPPO(
-        "MlpLstmPolicy",
-        env,
-        n_steps=args.num_steps,
-        seed=0,
-        device="cpu",
-        policy_kwargs=dict(lstm_hidden_size=args.hidden, **arch),
-        **ppo_kwargs,
-    )
+    model = make_recurrent_ppo(args.env, settings, args.hidden, _config(args), seed=0)
     t = time.perf_counter()
     model.learn(args.steps)
     return model.num_timesteps / (time.perf_counter() - t)
@@ -101,8 +79,8 @@ def main() -> None:
     p.add_argument(
         "--sb3-settings",
         nargs="*",
-        choices=("matched", "defaults"),
-        default=["matched", "defaults"],
+        choices=SB3_SETTINGS,
+        default=list(SB3_SETTINGS),
         help="RecurrentPPO settings to time (none: skip it)",
     )
     args = p.parse_args()

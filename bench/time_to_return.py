@@ -31,21 +31,16 @@ sys.path.insert(0, os.path.dirname(_HERE))
 import numpy as np
 import torch
 
+from agents import PPOConfig
+from bench.contenders import make_ours, make_recurrent_ppo
+
 CONTENDERS = ("ours-ham", "ours-gru", "ours-mlp", "RecurrentPPO-defaults", "RecurrentPPO-matched")
 DEFAULT_CONTENDERS = ("ours-ham", "ours-gru", "RecurrentPPO-defaults", "RecurrentPPO-matched")
 
 
 def ours(memory: str, args) -> list[tuple[int, float, float]]:
     """Train with our PPO; returns (env steps, seconds, mean return) after every update."""
-    from agents import PPO, PPOConfig, RecurrentActorCritic
-    from envs import VecEnv
-
-    torch.manual_seed(args.seed)
-    cfg = PPOConfig()
-    venv = VecEnv(args.env, cfg.num_envs, seed=args.seed)
-    opts = {"num_heads": 4} if memory.startswith("ham") else {}
-    agent = RecurrentActorCritic(venv.feature_dim, venv.action_space, memory, args.hidden, opts)
-    ppo = PPO(agent, venv, cfg, total_timesteps=args.steps)
+    ppo = make_ours(args.env, memory, args.hidden, PPOConfig(), args.steps, args.seed)
     curve, t0 = [], time.perf_counter()
     while ppo.update < ppo.num_updates:
         stats = ppo.iterate()
@@ -55,35 +50,9 @@ def ours(memory: str, args) -> list[tuple[int, float, float]]:
 
 def recurrent_ppo(settings: str, args) -> list[tuple[int, float, float]]:
     """Train sb3-contrib's RecurrentPPO; returns (env steps, seconds, mean return) after every rollout."""
-    import popgym  # noqa: F401  (registers the popgym ids)
-    from sb3_contrib import RecurrentPPO
     from stable_baselines3.common.callbacks import BaseCallback
-    from stable_baselines3.common.env_util import make_vec_env
 
-    from agents import PPOConfig
-    from envs import resolve_env_id
-
-    cfg = PPOConfig()
-    env = make_vec_env(resolve_env_id(args.env), n_envs=cfg.num_envs, seed=args.seed)
-    kwargs: dict = {}
-    arch: dict = {}
-    if settings == "matched":
-        kwargs = dict(
-            batch_size=cfg.batch_size // cfg.num_minibatches,
-            n_epochs=cfg.update_epochs,
-            learning_rate=lambda progress: progress * cfg.learning_rate,  # annealed to 0, as ours
-            ent_coef=cfg.ent_coef,
-        )
-        arch = dict(shared_lstm=True, enable_critic_lstm=False)
-    model = RecurrentPPO(
-        "MlpLstmPolicy",
-        env,
-        n_steps=cfg.num_steps,
-        seed=args.seed,
-        device="cpu",
-        policy_kwargs=dict(lstm_hidden_size=args.hidden, **arch),
-        **kwargs,
-    )
+    model = make_recurrent_ppo(args.env, settings, args.hidden, PPOConfig(), args.seed)
     curve: list[tuple[int, float, float]] = []
 
     class Record(BaseCallback):
