@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from kernels.gated_delta_rule.naive_chunk import naive_chunk_gated_delta_rule
+from kernels.gated_delta_rule.naive_chunk import DEFAULT_CPU_CHUNK_SIZE, naive_chunk_gated_delta_rule
 from kernels.gated_delta_rule.reference import naive_recurrent_gated_delta_rule
+from kernels.gated_delta_rule.torch_chunk import torch_chunk_gated_delta_rule
 from kernels.triton_utils import resolve_backend
 
-__all__ = ["gated_delta_rule", "naive_recurrent_gated_delta_rule", "naive_chunk_gated_delta_rule"]
+__all__ = [
+    "gated_delta_rule",
+    "naive_recurrent_gated_delta_rule",
+    "naive_chunk_gated_delta_rule",
+    "torch_chunk_gated_delta_rule",
+]
 
 
 def gated_delta_rule(
@@ -24,8 +30,9 @@ def gated_delta_rule(
     """Gated delta rule; arguments and returns as ``naive_recurrent_gated_delta_rule`` (the truth).
 
     Runs ``chunk.chunk_gated_delta_rule`` (Triton, forward and backward) when ``resolve_backend(q)`` is
-    ``"triton"``, and the chunked PyTorch form ``naive_chunk_gated_delta_rule`` (autograd through torch ops, about
-    8x faster than the time loop on CPU for training) otherwise.
+    ``"triton"``, and otherwise the chunked PyTorch form with a hand-written backward,
+    ``torch_chunk_gated_delta_rule`` (about 8x faster than the time loop on CPU for training, and about 1.3x
+    faster than autograd through ``naive_chunk_gated_delta_rule``).
 
     Args:
         q, k: ``[B, T, H, K]``; v ``[B, T, H, V]``; beta, g ``[B, T, H]``; starts ``[B, T]`` bool or None;
@@ -38,4 +45,4 @@ def gated_delta_rule(
         from kernels.gated_delta_rule.chunk import chunk_gated_delta_rule
 
         return chunk_gated_delta_rule(q, k, v, beta, g, starts, initial_state, scale)
-    return naive_chunk_gated_delta_rule(q, k, v, beta, g, starts, initial_state, scale)
+    return torch_chunk_gated_delta_rule(q, k, v, beta, g, starts, initial_state, scale, DEFAULT_CPU_CHUNK_SIZE)

@@ -29,10 +29,16 @@ def gated_delta_rule_step(
 
     Returns ``(o [B, H, V], v_hat [B, H, V], new_state [B, H, K, V])``; the caller applies resets to ``state``.
     """
+    B, H, K = k.shape
+    V = v.shape[-1]
     a = g.exp()[..., None]  # [B, H, 1]
-    v_hat = a * torch.einsum("bhk,bhkv->bhv", k, state)
-    new_state = a[..., None] * state + torch.einsum("bhk,bhv->bhkv", k * beta[..., None], v - v_hat)
-    o = scale * torch.einsum("bhk,bhkv->bhv", q, new_state)
+    # Batched [1, K] x [K, V] products over B * H: a few ops per step where einsums would expand to a dozen each.
+    flat = state.reshape(B * H, K, V)
+    v_hat = a * torch.bmm(k.reshape(B * H, 1, K), flat).view(B, H, V)
+    written = (k * beta[..., None]).reshape(B * H, K, 1)
+    new_state = torch.baddbmm(a.reshape(B * H, 1, 1) * flat, written, (v - v_hat).reshape(B * H, 1, V))
+    o = scale * torch.bmm(q.reshape(B * H, 1, K), new_state).view(B, H, V)
+    new_state = new_state.view(B, H, K, V)
     return o, v_hat, new_state
 
 

@@ -10,6 +10,10 @@ from kernel_testing import assert_close, needs_interpreter
 from kernels.gated_delta_rule import gated_delta_rule
 from kernels.gated_delta_rule.naive_chunk import naive_chunk_gated_delta_rule
 from kernels.gated_delta_rule.reference import naive_recurrent_gated_delta_rule
+from kernels.gated_delta_rule.torch_chunk import torch_chunk_gated_delta_rule
+
+#: the two chunked PyTorch forms: autograd through torch ops, and the hand-written backward (the CPU path)
+CHUNKED = {"naive_chunk": naive_chunk_gated_delta_rule, "torch_chunk": torch_chunk_gated_delta_rule}
 
 NAMES = ("o", "v_hat", "final_state", "dq", "dk", "dv", "dbeta", "dg", "dh0")
 
@@ -52,24 +56,42 @@ TORCH_CASES = [
 ]
 
 
+@pytest.mark.parametrize("form", CHUNKED)
 @pytest.mark.parametrize("B, T, H, K, V, starts_mode, with_h0, chunk_size", TORCH_CASES)
-def test_naive_chunk_matches_recurrent(B, T, H, K, V, starts_mode, with_h0, chunk_size):
+def test_chunked_forms_match_recurrent(form, B, T, H, K, V, starts_mode, with_h0, chunk_size):
     xs, starts, h0 = _inputs(B, T, H, K, V, torch.float32, starts_mode, with_h0)
     ref = _run(naive_recurrent_gated_delta_rule, xs, starts, h0, 0.7)
-    got = _run(lambda *a: naive_chunk_gated_delta_rule(*a, chunk_size=chunk_size), xs, starts, h0, 0.7)
+    got = _run(lambda *a: CHUNKED[form](*a, chunk_size=chunk_size), xs, starts, h0, 0.7)
     for name, a, b in zip(NAMES, ref, got, strict=False):
         assert_close(name, a, b, 1e-5)
 
 
-def test_naive_chunk_gradcheck_float64():
+@pytest.mark.parametrize("form", CHUNKED)
+def test_chunked_forms_gradcheck_float64(form):
     xs, starts, h0 = _inputs(1, 9, 1, 4, 3, torch.float64, "inside", True)
     xs = [x.detach().double().requires_grad_() for x in xs]
     h0 = h0.detach().double().requires_grad_()
 
     def fn(*a):
-        return naive_chunk_gated_delta_rule(*a[:5], starts, a[5], 0.7, chunk_size=4)
+        return CHUNKED[form](*a[:5], starts, a[5], 0.7, chunk_size=4)
 
     assert torch.autograd.gradcheck(fn, (*xs, h0))
+
+
+@pytest.mark.parametrize("used", [("o",), ("v_hat",), ("final_state",), ("o", "final_state")])
+def test_torch_chunk_backward_with_unused_outputs(used):
+    # HAM's training loss reads o only (v_hat feeds the detached router); the hand-written backward then skips
+    # the terms of the unused outputs, and must still give the reference's gradients.
+    xs, starts, h0 = _inputs(2, 50, 2, 16, 8, torch.float32, "inside", True)
+    leaves = [*xs, h0]
+    grads = []
+    for fn in (naive_recurrent_gated_delta_rule, lambda *a: torch_chunk_gated_delta_rule(*a, chunk_size=16)):
+        outs = dict(zip(("o", "v_hat", "final_state"), fn(*xs, starts, h0, 0.7), strict=True))
+        loss = sum((outs[name].float() * torch.linspace(-1, 1, outs[name].numel()).view_as(outs[name])).sum() for name in used)
+        got = torch.autograd.grad(loss, leaves, allow_unused=True)
+        grads.append([torch.zeros_like(x) if g is None else g for x, g in zip(leaves, got, strict=True)])
+    for name, a, b in zip(NAMES[3:], *grads, strict=True):
+        assert_close(name, a, b, 1e-5)
 
 
 def test_cpu_dispatch_uses_chunked_form(monkeypatch):
