@@ -1,0 +1,70 @@
+"""The short convolution's hand-written forward and backward against the masked-slices formula it replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ham_rl.memory.short_conv import ShortConv, short_conv
+
+
+def masked_slices(x, history, steps, weight, bias):
+    """``SiLU(bias + sum_j w_j x_{t-j} [steps_t >= j])`` through autograd: the readable form."""
+    T, K = x.shape[1], weight.shape[0]
+    padded = torch.cat([history.to(x.dtype), x], 1)
+    y = x * weight[0] + bias
+    for j in range(1, K):
+        in_episode = (steps >= j).to(x.dtype)[..., None]
+        y = y + padded[:, K - 1 - j : K - 1 - j + T] * in_episode * weight[j]
+    return torch.nn.functional.silu(y), padded[:, T:]
+
+
+def _inputs(B, T, C, K, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, C, generator=gen, dtype=torch.float64, requires_grad=True)
+    history = torch.randn(B, K - 1, C, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(K, C, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(C, generator=gen, dtype=torch.float64, requires_grad=True)
+    # Episode steps with starts inside the rows: step 0 wherever an episode begins.
+    starts = torch.rand(B, T, generator=gen) < 0.2
+    steps = torch.zeros(B, T, dtype=torch.long)
+    running = torch.randint(0, 5, (B,), generator=gen)  # the carried-in episode's age
+    for t in range(T):
+        running = torch.where(starts[:, t], 0, running)
+        steps[:, t] = running
+        running = running + 1
+    return (x, history, weight, bias), steps
+
+
+@pytest.mark.parametrize("B, T, C, K", [(3, 20, 8, 4), (2, 1, 5, 4), (2, 2, 5, 4), (1, 7, 3, 1), (2, 9, 4, 2)])
+def test_matches_masked_slices_values_and_gradients(B, T, C, K):
+    (x, history, weight, bias), steps = _inputs(B, T, C, K)
+    want_y, want_history = masked_slices(x, history, steps, weight, bias)
+    got_y, got_history = short_conv(x, history, steps, weight, bias)
+    torch.testing.assert_close(got_y, want_y, rtol=0, atol=1e-12)
+    assert torch.equal(got_history, want_history)
+    dy = torch.randn_like(want_y)
+    leaves = (x, history, weight, bias)
+    want = torch.autograd.grad(want_y, leaves, dy, allow_unused=True)  # K = 1 reads no history
+    want = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, want, strict=True)]
+    got = torch.autograd.grad(got_y, leaves, dy)
+    for name, a, b in zip(("x", "history", "weight", "bias"), got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=name)
+
+
+def test_gradcheck_float64():
+    (x, history, weight, bias), steps = _inputs(2, 9, 3, 4)
+    assert torch.autograd.gradcheck(lambda *a: short_conv(a[0], a[1], steps, *a[2:])[0], (x, history, weight, bias))
+
+
+def test_previous_episode_never_leaks_even_inf_or_nan():
+    conv = ShortConv(6, 4)
+    x = torch.randn(1, 5, 6)
+    history = torch.full((1, 3, 6), float("nan"))
+    history[0, 0] = float("inf")
+    fresh = torch.arange(5)[None]  # the row starts a new episode at t = 0
+    y, _ = conv(x, history, fresh)
+    y_zero, _ = conv(x, torch.zeros_like(history), fresh)
+    assert torch.equal(y, y_zero)
+    y.sum().backward()
+    assert torch.isfinite(conv.weight.grad).all()
