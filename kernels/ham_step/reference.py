@@ -13,7 +13,6 @@ need an old state intact. The caller reserves at least ``min(length.max() + 1, c
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.cache_attention.reference import masked_softmax
@@ -25,7 +24,11 @@ __all__ = ["ham_step", "surprise_score", "choose_slot"]
 def surprise_score(v_hat: Tensor, v: Tensor) -> Tensor:
     """Router score ``min_h (1 - cos(v_hat_h, v_h))``: ``[..., H, V] -> [...]``; a zero prediction gives 1."""
     acc = accumulation_dtype(v.dtype)
-    return (1.0 - F.cosine_similarity(v_hat.to(acc), v.to(acc), dim=-1, eps=1e-8)).amin(-1)
+    v_hat, v = v_hat.to(acc), v.to(acc)
+    # F.cosine_similarity's formula (each norm clamped at eps), in 6 ops instead of its 13: this runs every step.
+    eps = 1e-8
+    cos = (v_hat * v).sum(-1) / (v_hat.norm(dim=-1).clamp_min(eps) * v.norm(dim=-1).clamp_min(eps))
+    return (1.0 - cos).amin(-1)
 
 
 def choose_slot(
