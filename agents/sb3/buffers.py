@@ -112,6 +112,26 @@ class _EnvRowsMixin:
             rows["observations"] = self._env_major(self.observations)  # type: ignore[attr-defined]
         return rows
 
+    def observation_rows(self, n_steps: int | None = None) -> tuple[th.Tensor | dict[str, th.Tensor], th.Tensor]:
+        """
+        The first ``n_steps`` steps (default: all) of every env row, env-major: what a memory's sequence form
+        reads.
+
+        :return: observations ``[n_envs * n_steps, ...]`` (a dict of those for Dict spaces) and episode starts
+            ``[n_envs * n_steps]``
+        """
+        n_steps = self.buffer_size if n_steps is None else n_steps  # type: ignore[attr-defined]
+
+        def rows(array: np.ndarray) -> th.Tensor:
+            t = self._env_major(array[:n_steps])
+            return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
+        if isinstance(self.observations, dict):  # type: ignore[attr-defined]
+            obs = {key: rows(value) for key, value in self.observations.items()}  # type: ignore[attr-defined]
+        else:
+            obs = rows(self.observations)  # type: ignore[attr-defined]
+        return obs, rows(self.episode_starts)  # type: ignore[attr-defined]
+
     def get(self, batch_size: int | None = None) -> Generator[RecurrentRolloutBufferSamples, None, None]:
         """
         Minibatches of whole env rows, in a random env order (one pass over all envs).

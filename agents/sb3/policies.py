@@ -316,9 +316,22 @@ class HAMActorCriticPolicy(RecurrentActorCriticPolicy):
         :param episode_starts: Whether the observations start new episodes
         :return: the estimated values
         """
+        return self.values_and_state(obs, lstm_states, episode_starts)[0]
+
+    def values_and_state(
+        self, obs: th.Tensor, lstm_states: MemoryState | None, episode_starts: th.Tensor
+    ) -> tuple[th.Tensor, MemoryState | None]:
+        """
+        :meth:`predict_values`, also returning the critic memory's state after the last step.
+
+        :param obs: Observation ``[B * T, ...]``, env-major (T = 1: the step form; T > 1: one sequence call)
+        :param lstm_states: the critic memory's state of the B envs before the first step
+        :param episode_starts: Whether each step starts a new episode ``[B * T]``
+        :return: the estimated values ``[B * T, 1]`` and the state after the last step
+        """
         features = super(ActorCriticPolicy, self).extract_features(obs, self.vf_features_extractor)
-        latent_vf, _ = self._latent_vf(features, lstm_states, episode_starts, None)
-        return self.value_net(self.mlp_extractor.forward_critic(latent_vf))
+        latent_vf, state = self._latent_vf(features, lstm_states, episode_starts, None)
+        return self.value_net(self.mlp_extractor.forward_critic(latent_vf)), state
 
     def evaluate_actions(
         self, obs: th.Tensor, actions: th.Tensor, lstm_states: RNNStates, episode_starts: th.Tensor

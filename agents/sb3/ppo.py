@@ -22,6 +22,7 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 from sb3_contrib import RecurrentPPO
+from sb3_contrib.common.recurrent.type_aliases import RNNStates
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import BasePolicy
@@ -37,6 +38,7 @@ from agents.sb3.policies import (
     HAMMultiInputActorCriticPolicy,
     clone_states,
 )
+from ham_rl.state import MemoryState
 
 __all__ = ["CnnHamPolicy", "HAMRecurrentPPO", "MlpHamPolicy", "MultiInputHamPolicy"]
 
@@ -93,6 +95,9 @@ class HAMRecurrentPPO(RecurrentPPO):
     :param device: Device (cpu, cuda, ...) on which the code should be run ("auto": GPU if possible)
     :param _init_setup_model: Whether or not to build the network at the creation of the instance
     """
+
+    #: compute a critic memory's rollout values in one sequence call after the rollout (False: step it every step)
+    defer_critic: bool = True
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
         "MlpHamPolicy": MlpHamPolicy,
@@ -185,6 +190,10 @@ class HAMRecurrentPPO(RecurrentPPO):
         initial_states = clone_states(self._last_lstm_states, compact=True)
         lstm_states = self._last_lstm_states
         track_cache = bool(getattr(self.policy.memory_actor, "has_cache", False))
+        # A critic with its own memory is not stepped: its values (and time-limit bootstraps) come from one
+        # sequence call over the rollout at the end, as in training (see _critic_over_rollout).
+        defer_critic = self.defer_critic and self.policy.memory_critic is not None
+        truncations: list[tuple[int, int, object]] = []
 
         while n_steps < n_rollout_steps:
             if self.use_sde and self.sde_sample_freq > 0 and n_steps % self.sde_sample_freq == 0:
@@ -193,7 +202,15 @@ class HAMRecurrentPPO(RecurrentPPO):
             with th.no_grad():
                 obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
                 episode_starts = th.tensor(self._last_episode_starts, dtype=th.float32, device=self.device)
-                actions, values, log_probs, lstm_states = self.policy(obs_tensor, lstm_states, episode_starts)
+                if defer_critic:
+                    distribution, state_pi = self.policy.get_distribution(obs_tensor, lstm_states.pi, episode_starts)
+                    actions = distribution.get_actions()
+                    log_probs = distribution.log_prob(actions)
+                    actions = actions.reshape((-1, *self.action_space.shape))  # type: ignore[misc]
+                    values = th.zeros(env.num_envs, 1, device=self.device)  # filled in after the rollout
+                    lstm_states = RNNStates(state_pi, lstm_states.vf)
+                else:
+                    actions, values, log_probs, lstm_states = self.policy(obs_tensor, lstm_states, episode_starts)
 
             actions = actions.cpu().numpy()
             clipped_actions = actions
@@ -207,6 +224,9 @@ class HAMRecurrentPPO(RecurrentPPO):
             # Give access to local variables
             callback.update_locals(locals())
             if not callback.on_step():
+                if defer_critic:  # bring the critic's state up to the steps taken, for a later learn()
+                    _, vf = self._critic_over_rollout(rollout_buffer, initial_states.vf, n_steps, [])
+                    lstm_states = RNNStates(lstm_states.pi, vf)
                 self._last_lstm_states = lstm_states  # the step above already wrote into it
                 return False
 
@@ -226,6 +246,9 @@ class HAMRecurrentPPO(RecurrentPPO):
                     and infos[idx].get("terminal_observation") is not None
                     and infos[idx].get("TimeLimit.truncated", False)
                 ):
+                    if defer_critic:
+                        truncations.append((n_steps - 1, idx, infos[idx]["terminal_observation"]))
+                        continue
                     terminal_obs = self.policy.obs_to_tensor(infos[idx]["terminal_observation"])[0]
                     with th.no_grad():
                         # env idx's critic state after the last step; a clone, as the step form writes in place
@@ -249,6 +272,11 @@ class HAMRecurrentPPO(RecurrentPPO):
             self._last_episode_starts = dones
             self._last_lstm_states = lstm_states
 
+        if defer_critic:
+            values, vf = self._critic_over_rollout(rollout_buffer, initial_states.vf, n_steps, truncations)
+            rollout_buffer.values[:] = values
+            lstm_states = self._last_lstm_states = RNNStates(lstm_states.pi, vf)
+
         with th.no_grad():
             # Compute value for the last timestep (on a copy of the critic state, which the step would modify)
             episode_starts = th.tensor(dones, dtype=th.float32, device=self.device)
@@ -260,6 +288,36 @@ class HAMRecurrentPPO(RecurrentPPO):
         callback.on_rollout_end()
 
         return True
+
+    def _critic_over_rollout(
+        self, rollout_buffer: HAMRolloutBuffer | HAMDictRolloutBuffer, vf: MemoryState, n_steps: int, truncations: list
+    ) -> tuple[np.ndarray, MemoryState]:
+        """
+        The critic's values for the first ``n_steps`` steps of the rollout, in one sequence call of its memory
+        from ``vf`` (its state at the rollout start), and its state after them.
+
+        Stepping the critic's memory during the rollout would cost as much as stepping the actor's, and its
+        values are not needed before the rollout ends; the sequence form gives the same values (to round-off)
+        and is what training evaluates. Time-limit truncations ``(step, env, terminal_obs)`` add
+        ``gamma * V(terminal_obs)`` to that step's reward, with V read after the env's row up to that step.
+
+        :return: values ``[n_steps, n_envs]`` and the critic state after the last step
+        """
+        obs, starts = rollout_buffer.observation_rows(n_steps)
+        with th.no_grad():
+            values, state = self.policy.values_and_state(obs, vf, starts)
+            for step, idx, terminal_obs in truncations:
+                row = slice(idx * n_steps, idx * n_steps + step + 1)
+                last = self.policy.obs_to_tensor(terminal_obs)[0]
+                if isinstance(obs, dict):
+                    row_obs = {key: th.cat([obs[key][row], last[key].to(obs[key].dtype)]) for key in obs}
+                else:
+                    row_obs = th.cat([obs[row], last.reshape(1, *obs.shape[1:]).to(obs.dtype)])
+                row_starts = th.cat([starts[row], starts.new_zeros(1)])
+                terminal_value = self.policy.values_and_state(row_obs, vf[idx], row_starts)[0][-1]
+                rollout_buffer.rewards[step, idx] += self.gamma * terminal_value.item()
+        values = values.reshape(rollout_buffer.n_envs, n_steps).T
+        return values.cpu().numpy(), state
 
     def train(self) -> None:
         """RecurrentPPO's update, then each memory's ``end_update()`` (threshold feedback) and its stats logged."""

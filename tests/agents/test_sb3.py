@@ -189,21 +189,49 @@ def test_evaluate_policy_passes_state_through():
     assert max(int(s.episode_len.max()) for _, s, _ in calls) == 51
 
 
+def _rollouts(model: HAMRecurrentPPO, n: int) -> list[dict[str, np.ndarray]]:
+    """Collect ``n`` rollouts (no training); each buffer's values, rewards and episode starts."""
+    _, callback = model._setup_learn(10**6, None)
+    out = []
+    for _ in range(n):
+        model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
+        buf = model.rollout_buffer
+        out.append({name: getattr(buf, name).copy() for name in ("values", "rewards", "episode_starts")})
+    return out
+
+
 def test_truncated_episodes_bootstrap():
-    """Episodes cut by a TimeLimit take RecurrentPPO's bootstrap path, on the per-env critic state."""
+    """Episodes cut by a TimeLimit add gamma * V(terminal obs) to their last reward, V read from that env's critic
+    state after its last step: one extra value per truncated episode."""
     env = make_env(wrapper_class=gym.wrappers.TimeLimit, wrapper_kwargs=dict(max_episode_steps=10))
     model = make_model("ham", env=env)
     calls = []
-    predict_values = model.policy.predict_values
+    values_and_state = model.policy.values_and_state
 
     def spy(obs, state, episode_starts):
-        calls.append(None if state is None else state.batch_size)
-        return predict_values(obs, state, episode_starts)
+        calls.append(state.batch_size)
+        return values_and_state(obs, state, episode_starts)
 
-    model.policy.predict_values = spy
+    model.policy.values_and_state = spy
     model.learn(2 * 4 * 64)
-    assert calls.count(1) >= 4 * 6  # one bootstrap per truncated episode (6 per env per rollout)
+    assert calls.count(1) >= 2 * 4 * 6  # one bootstrap per truncated episode (6 per env per rollout)
     assert model._last_lstm_states.pi.episode_len.max() <= 10
+
+
+@pytest.mark.parametrize("time_limit", [None, 10], ids=["terminations", "truncations"])
+def test_deferred_critic_matches_stepped_critic(time_limit):
+    """The critic's rollout values (and time-limit bootstraps), from one sequence call after the rollout, equal
+    those of stepping the critic's memory with the actor's at every step, as RecurrentPPO does."""
+    wrapper = dict(wrapper_class=gym.wrappers.TimeLimit, wrapper_kwargs=dict(max_episode_steps=time_limit))
+    results = {}
+    for defer in (True, False):
+        model = make_model("ham", env=make_env(**(wrapper if time_limit else {})))
+        model.defer_critic = defer
+        results[defer] = _rollouts(model, 3)  # episodes straddle rollouts: carried-in critic states
+    for deferred, stepped in zip(results[True], results[False], strict=True):
+        np.testing.assert_array_equal(deferred["episode_starts"], stepped["episode_starts"])  # same actions
+        np.testing.assert_allclose(deferred["values"], stepped["values"], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(deferred["rewards"], stepped["rewards"], rtol=0, atol=1e-5)
 
 
 class DictObs(gym.ObservationWrapper):
