@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ham_rl.memory.base import Memory
 from ham_rl.memory.cache_plan import plan_cache, seen_candidates
+from ham_rl.memory.l2norm import l2norm
 from ham_rl.memory.short_conv import ShortConv
 from ham_rl.state import KVCache, MemoryState
 from kernels.cache_attention import cache_attention
@@ -176,8 +177,9 @@ class HybridMemory(Memory):
         qkv = self.qkv(x)
         if self.conv is not None:
             qkv, history = self.conv(qkv, history, steps)
-        q, k, v = qkv.unflatten(-1, (3, H, d)).unbind(-3)  # each [B, T, H, d]
-        p = {"q": F.normalize(q, dim=-1), "k": F.normalize(k, dim=-1), "v": v}
+        qkv = qkv.unflatten(-1, (3, H, d))  # [B, T, 3, H, d]
+        q, k = l2norm(qkv[..., :2, :, :]).unbind(-3)  # each [B, T, H, d], unit vectors; one call for both
+        p = {"q": q, "k": k, "v": qkv[..., 2, :, :]}
         if self.use_rnn:
             p["beta"] = torch.sigmoid(self.beta_proj(x))
             p["g"] = torch.zeros_like(p["beta"]) if self.fixed_decay else -F.softplus(self.decay_proj(x))
