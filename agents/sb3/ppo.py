@@ -199,7 +199,7 @@ class HAMRecurrentPPO(RecurrentPPO):
             if self.use_sde and self.sde_sample_freq > 0 and n_steps % self.sde_sample_freq == 0:
                 self.policy.reset_noise(env.num_envs)
 
-            with th.no_grad():
+            with th.inference_mode():
                 obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
                 episode_starts = th.tensor(self._last_episode_starts, dtype=th.float32, device=self.device)
                 if defer_critic:
@@ -250,7 +250,7 @@ class HAMRecurrentPPO(RecurrentPPO):
                         truncations.append((n_steps - 1, idx, infos[idx]["terminal_observation"]))
                         continue
                     terminal_obs = self.policy.obs_to_tensor(infos[idx]["terminal_observation"])[0]
-                    with th.no_grad():
+                    with th.inference_mode():
                         # env idx's critic state after the last step; a clone, as the step form writes in place
                         vf = lstm_states.vf
                         terminal_state = None if vf is None else vf[idx].clone()
@@ -277,7 +277,7 @@ class HAMRecurrentPPO(RecurrentPPO):
             rollout_buffer.values[:] = values
             lstm_states = self._last_lstm_states = RNNStates(lstm_states.pi, vf)
 
-        with th.no_grad():
+        with th.inference_mode():
             # Compute value for the last timestep (on a copy of the critic state, which the step would modify)
             episode_starts = th.tensor(dones, dtype=th.float32, device=self.device)
             vf = None if lstm_states.vf is None else lstm_states.vf.clone()
@@ -304,7 +304,7 @@ class HAMRecurrentPPO(RecurrentPPO):
         :return: values ``[n_steps, n_envs]`` and the critic state after the last step
         """
         obs, starts = rollout_buffer.observation_rows(n_steps)
-        with th.no_grad():
+        with th.inference_mode():
             values, state = self.policy.values_and_state(obs, vf, starts)
             for step, idx, terminal_obs in truncations:
                 row = slice(idx * n_steps, idx * n_steps + step + 1)
