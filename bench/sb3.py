@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--n-epochs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed warm-up runs")
     args = parser.parse_args()
     if args.threads > 0:
         th.set_num_threads(args.threads)
@@ -120,6 +121,13 @@ def main() -> None:
         flush=True,
     )
     results: dict[str, list[dict]] = {label: [] for label, _ in models}
+    if args.warmup:
+        # One short untimed run per model first: the first run in a process pays one-time costs (lazy imports,
+        # allocator and BLAS warm-up) that would otherwise land on whichever model runs first.
+        print("warm-up (not reported)", flush=True)
+        warm = argparse.Namespace(**{**vars(args), "steps": args.n_envs * args.n_steps})
+        for label, memory in models:
+            run_one(label, warm, memory, seed=args.repeats)
     for r in range(args.repeats):
         print(f"repeat {r + 1}/{args.repeats}", flush=True)
         for label, memory in models:  # alternate the models within each repeat
