@@ -28,9 +28,9 @@ __all__ = ["torch_chunk_gated_delta_rule", "TorchChunkGatedDeltaRuleFunction"]
 def _chunks(t: Tensor, NT: int, C: int, pad: int) -> Tensor:
     """``[B, T, H, D]`` -> ``[B, H, NT, C, D]`` (or ``[B, T, H]`` -> ``[B, H, NT, C]``), zero-padded in time."""
     if t.dim() == 4:
-        t = F.pad(t, (0, 0, 0, 0, 0, pad))
+        t = F.pad(t, (0, 0, 0, 0, 0, pad)) if pad else t
         return t.permute(0, 2, 1, 3).reshape(t.shape[0], t.shape[2], NT, C, t.shape[3])
-    t = F.pad(t, (0, 0, 0, pad))
+    t = F.pad(t, (0, 0, 0, pad)) if pad else t
     return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], NT, C)
 
 
@@ -74,7 +74,7 @@ class TorchChunkGatedDeltaRuleFunction(torch.autograd.Function):
         akk, aqk = kk * gs, qk * gam
         e0 = (ep == 0) * G.exp()  # [B, H, NT, C]: decay from the chunk start, 0 after a reset
         eye = torch.eye(C, dtype=acc, device=q.device)
-        X = torch.linalg.solve_triangular(eye + beta_[..., None] * akk, eye, upper=False, unitriangular=True)
+        X = torch.linalg.solve_triangular(torch.addcmul(eye, beta_[..., None], akk), eye, upper=False, unitriangular=True)
         u0 = X @ (beta_[..., None] * v_)
         w = X @ ((beta_ * e0)[..., None] * k_)
         w_end = same[..., -1, :] * (G[..., -1:] - G).exp()  # [B, H, NT, C]: token j in the chunk's last episode
@@ -95,8 +95,10 @@ class TorchChunkGatedDeltaRuleFunction(torch.autograd.Function):
         U = torch.stack(pseudo, 1).reshape(B, H, NT, C, V)
         state = state.reshape(B, H, K, V)
         ks, qs = k_ @ S, q_ @ S
-        v_hat = e0[..., None] * ks + akk @ U
-        o = scale * (e0[..., None] * qs + aqk @ U)
+        v_hat = (akk @ U).addcmul_(e0[..., None], ks)
+        o = (aqk @ U).addcmul_(e0[..., None], qs)
+        if scale != 1.0:
+            o.mul_(scale)
         ctx.save_for_backward(q_, k_, v_, beta_, gam, gs, kk, qk, akk, aqk, e0, X, w, U, ks, qs, S, k_end, w_end, d_end)
         ctx.meta = (T, scale, dtype, initial_state is not None, initial_state.dtype if initial_state is not None else None)
         return _unchunk(o, T).to(dtype), _unchunk(v_hat, T).to(dtype), state
@@ -147,29 +149,28 @@ class TorchChunkGatedDeltaRuleFunction(torch.autograd.Function):
         # U = X (beta R), R = V - e0 K S0
         dy = X.transpose(-1, -2) @ du
         dyu = dy @ U.transpose(-1, -2)
-        r = v_ - e0_ * ks
-        dbeta = (dy * r).sum(-1) - (dyu * akk).sum(-1)
+        r = torch.addcmul(v_, e0_, ks, value=-1)
+        dbeta = (dy * r).sum(-1).sub_((dyu * akk).sum(-1))
         dr = beta_[..., None] * dy
         dvs = -dr if dvhat is None else dvh_ - dr
         de0 = (dvs * ks).sum(-1)
         St = S.transpose(-1, -2)
-        dk = dk + e0_ * (dvs @ St)
+        dk.addcmul_(e0_, dvs @ St)
         # Akk = (K K^T) * gam * strict, reached from the solve and from v_hat; Aqk = (Q K^T) * gam from o
-        dakk = -beta_[..., None] * dyu
-        if dvhat is not None:
-            dakk = dakk + dvh_ @ U.transpose(-1, -2)
-        dakk = dakk * gs
-        dk = dk + (dakk + dakk.transpose(-1, -2)) @ k_
+        dakk = beta_[..., None] * dyu
+        dakk = dvh_ @ U.transpose(-1, -2) - dakk if dvhat is not None else dakk.neg_()
+        dakk.mul_(gs)
+        dk += (dakk + dakk.transpose(-1, -2)) @ k_
         dgam = dakk * kk
         if do is not None:
-            de0 = de0 + (do_ * qs).sum(-1)
-            daqk = (do_ @ U.transpose(-1, -2)) * gam
-            dq = e0_ * (do_ @ St) + daqk @ k_
-            dk = dk + daqk.transpose(-1, -2) @ q_
-            dgam = dgam + daqk * qk
+            de0 += (do_ * qs).sum(-1)
+            daqk = (do_ @ U.transpose(-1, -2)).mul_(gam)
+            dq = (daqk @ k_).addcmul_(e0_, do_ @ St)
+            dk += daqk.transpose(-1, -2) @ q_
+            dgam.addcmul_(daqk, qk)
         else:
             dq = torch.zeros_like(q_)
-        dG = dgam.sum(-1) - dgam.sum(-2) + de0 * e0 - dw
+        dG = (dgam.sum(-1) - dgam.sum(-2)).addcmul_(de0, e0).sub_(dw)
         dG[..., -1] += dG_last
         dg = dG.flip(-1).cumsum(-1).flip(-1)  # G is a cumsum of g inside the chunk
         dh0 = ds.to(h0_dtype) if has_h0 else None
