@@ -9,6 +9,12 @@ from torch.autograd.function import once_differentiable
 __all__ = ["l2norm"]
 
 
+def _forward(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    inv = norm.clamp_min(eps).reciprocal()
+    return x * inv, inv, norm
+
+
 class _L2Norm(torch.autograd.Function):
     """``y = x / max(||x||, eps)``; backward ``dx = (dy - y (y . dy)) / ||x||`` where ``||x|| > eps``, else ``dy / eps``.
 
@@ -18,9 +24,7 @@ class _L2Norm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, eps):
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        inv = norm.clamp_min(eps).reciprocal()
-        y = x * inv
+        y, inv, norm = _forward(x, eps)
         ctx.save_for_backward(y, inv, norm > eps)
         return y
 
@@ -35,4 +39,6 @@ class _L2Norm(torch.autograd.Function):
 
 def l2norm(x: Tensor, eps: float = 1e-12) -> Tensor:
     """``F.normalize(x, dim=-1, eps=eps)`` with a cheaper backward."""
-    return _L2Norm.apply(x, eps)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _L2Norm.apply(x, eps)
+    return _forward(x, eps)[0]  # rollout steps: no autograd.Function overhead

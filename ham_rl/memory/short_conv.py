@@ -20,6 +20,18 @@ def _masked(t: Tensor, steps: Tensor, lag: int) -> Tensor:
     return torch.where((steps >= lag)[..., None], t, 0.0)
 
 
+def _forward(x: Tensor, history: Tensor, steps: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
+    """``(pre-activation, the masked lagged inputs, new history)``."""
+    K, T = weight.shape[0], x.shape[1]
+    padded = torch.cat([history.to(x.dtype), x], 1)  # [B, K - 1 + T, C]; row K - 1 + t holds x_t
+    pre = torch.addcmul(bias, x, weight[0])
+    lagged = [x]
+    for j in range(1, K):
+        lagged.append(_masked(padded[:, K - 1 - j : K - 1 - j + T], steps, j))
+        pre.addcmul_(lagged[j], weight[j])
+    return pre, lagged, padded[:, T:]
+
+
 class _ShortConvFunction(torch.autograd.Function):
     """``SiLU(bias + sum_j w_j x_{t-j} [steps_t >= j])`` on ``padded = [history, x]``, forward and backward by hand.
 
@@ -29,16 +41,10 @@ class _ShortConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, history, steps, weight, bias):
-        K, T = weight.shape[0], x.shape[1]
-        padded = torch.cat([history.to(x.dtype), x], 1)  # [B, K - 1 + T, C]; row K - 1 + t holds x_t
-        pre = torch.addcmul(bias, x, weight[0])
-        lagged = [x]
-        for j in range(1, K):
-            lagged.append(_masked(padded[:, K - 1 - j : K - 1 - j + T], steps, j))
-            pre.addcmul_(lagged[j], weight[j])
+        pre, lagged, new_history = _forward(x, history, steps, weight, bias)
         ctx.save_for_backward(steps, weight, pre, *lagged)
         ctx.history_dtype = history.dtype
-        return nn.functional.silu(pre), padded[:, T:]
+        return nn.functional.silu(pre), new_history
 
     @staticmethod
     @once_differentiable
@@ -59,7 +65,10 @@ class _ShortConvFunction(torch.autograd.Function):
 
 def short_conv(x: Tensor, history: Tensor, steps: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     """``x [B, T, C]``, ``history [B, K-1, C]``, ``steps [B, T]``, ``weight [K, C]``, ``bias [C]`` -> ``(y, history)``."""
-    return _ShortConvFunction.apply(x, history, steps, weight, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, history, weight, bias)):
+        return _ShortConvFunction.apply(x, history, steps, weight, bias)
+    pre, _, new_history = _forward(x, history, steps, weight, bias)  # rollout steps: no autograd.Function overhead
+    return nn.functional.silu(pre), new_history
 
 
 class ShortConv(nn.Module):

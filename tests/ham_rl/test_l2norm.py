@@ -24,3 +24,10 @@ def test_matches_normalize_values_and_gradients_including_a_zero_vector():
 def test_gradcheck_float64():
     x = torch.randn(4, 3, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(l2norm, (x,))
+
+
+def test_no_grad_path_gives_the_same_output():
+    x = torch.randn(5, 2, 7, requires_grad=True)
+    with torch.no_grad():
+        y0 = l2norm(x)
+    assert torch.equal(l2norm(x).detach(), y0)

@@ -68,3 +68,11 @@ def test_previous_episode_never_leaks_even_inf_or_nan():
     assert torch.equal(y, y_zero)
     y.sum().backward()
     assert torch.isfinite(conv.weight.grad).all()
+
+
+def test_no_grad_path_gives_the_same_output():
+    (x, history, weight, bias), steps = _inputs(3, 12, 5, 4)
+    y, h = short_conv(x, history, steps, weight, bias)
+    with torch.no_grad():  # rollouts take the plain forward, without the autograd.Function
+        y0, h0 = short_conv(x, history, steps, weight, bias)
+    assert torch.equal(y.detach(), y0) and torch.equal(h.detach(), h0)
