@@ -43,7 +43,7 @@ class _ShortConvFunction(torch.autograd.Function):
     def forward(ctx, x, history, steps, weight, bias):
         pre, lagged, new_history = _forward(x, history, steps, weight, bias)
         ctx.save_for_backward(steps, weight, pre, *lagged)
-        ctx.history_dtype = history.dtype
+        ctx.dtypes = (x.dtype, history.dtype, weight.dtype, bias.dtype)  # mixed precision: grads match inputs
         return nn.functional.silu(pre), new_history
 
     @staticmethod
@@ -58,9 +58,10 @@ class _ShortConvFunction(torch.autograd.Function):
         for j in range(1, K):
             dpadded[:, K - 1 - j : K - 1 - j + T].addcmul_(_masked(dpre, steps, j), weight[j])
         dbias = dpre.sum((0, 1))
-        dx = dpadded[:, K - 1 :] if ctx.needs_input_grad[0] else None
-        dhistory = dpadded[:, : K - 1].to(ctx.history_dtype) if ctx.needs_input_grad[1] else None
-        return dx, dhistory, None, dweight, dbias
+        x_dtype, history_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        dx = dpadded[:, K - 1 :].to(x_dtype) if ctx.needs_input_grad[0] else None
+        dhistory = dpadded[:, : K - 1].to(history_dtype) if ctx.needs_input_grad[1] else None
+        return dx, dhistory, None, dweight.to(weight_dtype), dbias.to(bias_dtype)
 
 
 def short_conv(x: Tensor, history: Tensor, steps: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:

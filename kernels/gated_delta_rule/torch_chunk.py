@@ -100,14 +100,15 @@ class TorchChunkGatedDeltaRuleFunction(torch.autograd.Function):
         if scale != 1.0:
             o.mul_(scale)
         ctx.save_for_backward(q_, k_, v_, beta_, gam, gs, kk, qk, akk, aqk, e0, X, w, U, ks, qs, S, k_end, w_end, d_end)
-        ctx.meta = (T, scale, dtype, initial_state is not None, initial_state.dtype if initial_state is not None else None)
+        ctx.meta = (T, scale, [t.dtype for t in (q, k, v, beta, g)], initial_state is not None,
+                    initial_state.dtype if initial_state is not None else None)  # fmt: skip
         return _unchunk(o, T).to(dtype), _unchunk(v_hat, T).to(dtype), state
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dvhat, dht):
         q_, k_, v_, beta_, gam, gs, kk, qk, akk, aqk, e0, X, w, U, ks, qs, S, k_end, w_end, d_end = ctx.saved_tensors
-        T, scale, dtype, has_h0, h0_dtype = ctx.meta
+        T, scale, dtypes, has_h0, h0_dtype = ctx.meta
         B, H, NT, C, K = k_.shape
         V = v_.shape[-1]
         acc = k_.dtype
@@ -174,7 +175,7 @@ class TorchChunkGatedDeltaRuleFunction(torch.autograd.Function):
         dG[..., -1] += dG_last
         dg = dG.flip(-1).cumsum(-1).flip(-1)  # G is a cumsum of g inside the chunk
         dh0 = ds.to(h0_dtype) if has_h0 else None
-        grads = [_unchunk(t, T).to(dtype) for t in (dq, dk, dr, dbeta, dg)]
+        grads = [_unchunk(t, T).to(dt) for t, dt in zip((dq, dk, dr, dbeta, dg), dtypes, strict=True)]
         return (*grads, None, dh0, None, None)
 
 

@@ -76,3 +76,13 @@ def test_no_grad_path_gives_the_same_output():
     with torch.no_grad():  # rollouts take the plain forward, without the autograd.Function
         y0, h0 = short_conv(x, history, steps, weight, bias)
     assert torch.equal(y.detach(), y0) and torch.equal(h.detach(), h0)
+
+
+def test_mixed_precision_gradients_match_input_dtypes():
+    # bfloat16 activations with float32 weights (as under autocast): each gradient comes back in its input's dtype.
+    x = torch.randn(2, 9, 6, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(4, 6, requires_grad=True)
+    bias = torch.zeros(6, requires_grad=True)
+    y, _ = short_conv(x, torch.zeros(2, 3, 6), torch.arange(9)[None].expand(2, -1), weight, bias)
+    y.float().sum().backward()
+    assert (x.grad.dtype, weight.grad.dtype, bias.grad.dtype) == (torch.bfloat16, torch.float32, torch.float32)

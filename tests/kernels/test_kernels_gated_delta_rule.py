@@ -138,3 +138,14 @@ def test_dispatcher_runs_triton_when_forced(monkeypatch):
     assert calls, "HAM_RL_BACKEND=triton did not run the Triton kernel"
     for name, a, b in zip(NAMES, ref, got, strict=False):
         assert_close(name, a, b, 1e-5)
+
+
+def test_torch_chunk_mixed_precision_gradients_match_input_dtypes():
+    xs, starts, h0 = _inputs(1, 40, 2, 16, 16, torch.float32, "inside", True)
+    q, k, v, beta, g = (x.detach() for x in xs)
+    q, k, v = (t.bfloat16().requires_grad_() for t in (q, k, v))  # bfloat16 activations, float32 gates
+    beta, g = beta.requires_grad_(), g.requires_grad_()
+    o, v_hat, _ = torch_chunk_gated_delta_rule(q, k, v, beta, g, starts, h0.detach(), chunk_size=16)
+    assert o.dtype == v_hat.dtype == torch.bfloat16
+    grads = torch.autograd.grad(o.float().sum(), (q, k, v, beta, g))
+    assert [t.dtype for t in grads] == [torch.bfloat16] * 3 + [torch.float32] * 2
