@@ -1,7 +1,9 @@
-"""Chunked (WY / UT-transform) gated delta rule in plain PyTorch: the CPU path of ``gated_delta_rule``.
+"""Chunked (WY / UT-transform) gated delta rule in plain PyTorch, differentiated by autograd.
 
 Same arguments, defaults and return tuple as ``naive_recurrent_gated_delta_rule``; autograd runs through plain
-torch ops (``torch.linalg.solve_triangular`` included). ``README.md`` beside this file derives it.
+torch ops (``torch.linalg.solve_triangular`` included). ``README.md`` beside this file derives it. The forward,
+``chunked_forward``, is shared with ``torch_chunk.py`` (the CPU path), which runs it without autograd and keeps
+its intermediates for a hand-written backward.
 Per chunk of C tokens with entering state S0 (``[K, V]`` per head), chunk-local cumulative log decay G, and
 ``same[i, j]`` true when tokens i and j lie in the same episode (resets come from a cumsum of ``starts``, never
 from ``-inf`` log decays)::
@@ -17,15 +19,130 @@ from ``-inf`` log decays)::
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.gated_delta_rule.reference import accumulation_dtype
 
-__all__ = ["naive_chunk_gated_delta_rule", "DEFAULT_CPU_CHUNK_SIZE"]
+__all__ = ["naive_chunk_gated_delta_rule", "chunked_forward", "ChunkedForward", "DEFAULT_CPU_CHUNK_SIZE"]
 
 DEFAULT_CPU_CHUNK_SIZE = 32
+
+
+def chunks(t: Tensor, NT: int, C: int, pad: int) -> Tensor:
+    """``[B, T, H, D]`` -> ``[B, H, NT, C, D]`` (or ``[B, T, H]`` -> ``[B, H, NT, C]``), zero-padded in time."""
+    if t.dim() == 4:
+        t = F.pad(t, (0, 0, 0, 0, 0, pad)) if pad else t
+        return t.permute(0, 2, 1, 3).reshape(t.shape[0], t.shape[2], NT, C, t.shape[3])
+    t = F.pad(t, (0, 0, 0, pad)) if pad else t
+    return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], NT, C)
+
+
+def unchunk(t: Tensor, T: int) -> Tensor:
+    """``[B, H, NT, C, D]`` -> ``[B, T, H, D]`` (or ``[B, H, NT, C]`` -> ``[B, T, H]``), padding dropped."""
+    B, H, NT, C = t.shape[:4]
+    t = t.reshape(B, H, NT * C, *t.shape[4:])[:, :, :T]
+    return t.transpose(1, 2)
+
+
+class ChunkedForward(NamedTuple):
+    """The outputs (chunked, in the accumulation dtype) and what the hand-written backward reads."""
+
+    o: Tensor  # [B, H, NT, C, V]
+    v_hat: Tensor  # [B, H, NT, C, V]
+    state: Tensor  # [B, H, K, V] final state
+    q: Tensor  # [B, H, NT, C, K], and k, v, beta [B, H, NT, C] likewise
+    k: Tensor
+    v: Tensor
+    beta: Tensor
+    gam: Tensor  # [B, H, NT, C, C] exp(G_i - G_j) on the causal same-episode part, else 0
+    gs: Tensor  # gam on the strictly lower part
+    kk: Tensor  # K K^T
+    qk: Tensor  # Q K^T
+    akk: Tensor
+    aqk: Tensor
+    e0: Tensor  # [B, H, NT, C] m0 e^G
+    X: Tensor  # (I + diag(beta) Akk)^-1
+    w: Tensor  # X diag(beta e0) K
+    U: Tensor  # pseudo values of every chunk
+    ks: Tensor  # K S0
+    qs: Tensor  # Q S0
+    S: Tensor  # [B, H, NT, K, V] the state entering each chunk
+    k_end: Tensor  # diag(w_end) K
+    w_end: Tensor  # [B, H, NT, C]
+    d_end: Tensor  # [B, H, NT]
+
+
+def chunked_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    g: Tensor,
+    starts: Tensor | None,
+    initial_state: Tensor | None,
+    scale: float,
+    chunk_size: int,
+) -> ChunkedForward:
+    """The chunked forward (arguments as ``naive_chunk_gated_delta_rule``), outputs and intermediates chunked."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    acc = accumulation_dtype(q.dtype)
+    C = int(chunk_size)
+    NT = (T + C - 1) // C
+    pad = NT * C - T
+    # [B, H, NT, C, D] chunks in the accumulation dtype, zero-padded in time to NT * C (padding: beta = 0, g = 0).
+    q_, k_, v_ = (chunks(t.to(acc), NT, C, pad) for t in (q, k, v))
+    beta_, g_ = (chunks(t.to(acc), NT, C, pad) for t in (beta, g))  # [B, H, NT, C]
+    if starts is None:
+        ep = torch.zeros(B, 1, NT, C, dtype=torch.long, device=q.device)
+    else:  # [B, 1, NT, C] episode index inside the chunk
+        ep = F.pad(starts.long(), (0, pad)).reshape(B, NT, C).cumsum(-1)[:, None]
+    G = g_.cumsum(-1)  # [B, H, NT, C]
+    idx = torch.arange(C, device=q.device)
+    same = ep[..., :, None] == ep[..., None, :]  # [B, 1, NT, C, C]
+    causal = same & (idx[:, None] >= idx[None, :])
+    # masked before exp, so no inf * 0
+    gam = torch.where(causal, G[..., :, None] - G[..., None, :], float("-inf")).exp()
+    gs = gam * (idx[:, None] > idx[None, :])  # the strictly lower part, for Akk
+    kk = k_ @ k_.transpose(-1, -2)
+    qk = q_ @ k_.transpose(-1, -2)
+    akk, aqk = kk * gs, qk * gam
+    e0 = (ep == 0) * G.exp()  # [B, H, NT, C]: decay from the chunk start, 0 after a reset
+    # Everything that does not depend on S0, for all chunks at once.
+    eye = torch.eye(C, dtype=acc, device=q.device)
+    X = torch.linalg.solve_triangular(torch.addcmul(eye, beta_[..., None], akk), eye, upper=False, unitriangular=True)
+    u0 = X @ (beta_[..., None] * v_)
+    w = X @ ((beta_ * e0)[..., None] * k_)
+    w_end = same[..., -1, :] * (G[..., -1:] - G).exp()  # [B, H, NT, C]: token j in the chunk's last episode
+    d_end = (ep[..., -1] == 0) * G[..., -1].exp()  # [B, H, NT]
+    k_end = k_ * w_end[..., None]
+    # Only the state recursion is sequential: U_c = U0_c - w_c S_c, S_{c+1} = d_end S_c + k_end^T U_c. It keeps
+    # each chunk's entering state, and the readouts of all chunks follow in a few batched products.
+    k_end_t = k_end.transpose(-1, -2).reshape(B * H, NT, K, C)
+    u0_, w_ = u0.reshape(B * H, NT, C, V), w.reshape(B * H, NT, C, K)
+    state = q.new_zeros(B * H, K, V, dtype=acc) if initial_state is None else initial_state.to(acc).reshape(B * H, K, V)
+    d_end_ = d_end.reshape(B * H, NT, 1, 1)
+    entering, pseudo = [], []
+    for c in range(NT):
+        entering.append(state)
+        u = torch.baddbmm(u0_[:, c], w_[:, c], state, alpha=-1)
+        pseudo.append(u)
+        state = torch.baddbmm(d_end_[:, c] * state, k_end_t[:, c], u)
+    S = torch.stack(entering, 1).reshape(B, H, NT, K, V)
+    U = torch.stack(pseudo, 1).reshape(B, H, NT, C, V)
+    ks, qs = k_ @ S, q_ @ S
+    v_hat = (akk @ U).addcmul_(e0[..., None], ks)
+    o = (aqk @ U).addcmul_(e0[..., None], qs)
+    if scale != 1.0:
+        o = o * scale
+    return ChunkedForward(
+        o, v_hat, state.reshape(B, H, K, V), q_, k_, v_, beta_, gam, gs, kk, qk, akk, aqk, e0, X, w, U, ks, qs, S,
+        k_end, w_end, d_end,
+    )  # fmt: skip
 
 
 def naive_chunk_gated_delta_rule(
@@ -51,56 +168,6 @@ def naive_chunk_gated_delta_rule(
     Returns:
         ``(o [B, T, H, V], v_hat [B, T, H, V], final_state [B, H, K, V])`` as the naive recurrent form.
     """
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    dtype = q.dtype
-    acc = accumulation_dtype(dtype)
-    C = int(chunk_size)
-    NT = (T + C - 1) // C
-    pad = NT * C - T
-    # -> [B, H, T, D] in the accumulation dtype, zero-padded in time to NT * C (padding: beta = 0, g = 0).
-    q_, k_, v_ = (F.pad(t.to(acc), (0, 0, 0, 0, 0, pad)).transpose(1, 2) for t in (q, k, v))
-    beta_, g_ = (F.pad(t.to(acc), (0, 0, 0, pad)).transpose(1, 2) for t in (beta, g))  # [B, H, T']
-    if starts is None:
-        starts_ = torch.zeros(B, NT * C, dtype=torch.long, device=q.device)
-    else:
-        starts_ = F.pad(starts.long(), (0, pad))
-    # [B, H, NT, C, D] chunks
-    q_, k_, v_ = (t.reshape(B, H, NT, C, -1) for t in (q_, k_, v_))
-    beta_, g_ = (t.reshape(B, H, NT, C) for t in (beta_, g_))
-    ep = starts_.reshape(B, NT, C).cumsum(-1)[:, None]  # [B, 1, NT, C] episode index inside the chunk
-    G = g_.cumsum(-1)  # [B, H, NT, C]
-    idx = torch.arange(C, device=q.device)
-    same = ep[..., :, None] == ep[..., None, :]  # [B, 1, NT, C, C]
-    causal = same & (idx[:, None] >= idx[None, :])
-    strict = same & (idx[:, None] > idx[None, :])
-    diff = G[..., :, None] - G[..., None, :]  # [B, H, NT, C, C]
-    gam = torch.where(causal, diff, torch.full_like(diff, float("-inf"))).exp()  # masked before exp: no inf*0
-    akk = (k_ @ k_.transpose(-1, -2)) * gam * strict
-    aqk = (q_ @ k_.transpose(-1, -2)) * gam
-    m0 = (ep == 0).to(acc)  # [B, 1, NT, C]
-    e0 = m0 * G.exp()  # [B, H, NT, C] decay from the chunk start, 0 after a reset
-    eye = torch.eye(C, dtype=acc, device=q.device)
-    lhs = eye + beta_[..., None] * akk  # unit lower triangular
-    # Everything that does not depend on S0, for all chunks at once.
-    u0 = torch.linalg.solve_triangular(lhs, beta_[..., None] * v_, upper=False, unitriangular=True)
-    w = torch.linalg.solve_triangular(lhs, (beta_ * e0)[..., None] * k_, upper=False, unitriangular=True)
-    last_same = same[..., -1, :].to(acc)  # [B, 1, NT, C] token j in the chunk's last episode
-    w_end = last_same * (G[..., -1:] - G).exp()  # [B, H, NT, C]
-    d_end = (m0[..., -1] * G[..., -1].exp())[..., None, None]  # [B, H, NT, 1, 1]
-    k_end = (k_ * w_end[..., None]).transpose(-1, -2)  # [B, H, NT, K, C]
-    state = q.new_zeros(B, H, K, V, dtype=acc) if initial_state is None else initial_state.to(acc)
-    # Only the state recursion is sequential; it keeps each chunk's entering state, and the readouts of all chunks
-    # follow in a few batched products (fewer small ops, forward and backward, than reading out inside the loop).
-    entering, pseudo = [], []
-    for c in range(NT):
-        entering.append(state)
-        u = u0[:, :, c] - w[:, :, c] @ state  # [B, H, C, V]
-        pseudo.append(u)
-        state = d_end[:, :, c] * state + k_end[:, :, c] @ u
-    S = torch.stack(entering, 2)  # [B, H, NT, K, V]
-    U = torch.stack(pseudo, 2)  # [B, H, NT, C, V]
-    e0 = e0[..., None]
-    v_hat = (e0 * (k_ @ S) + akk @ U).reshape(B, H, NT * C, V)[:, :, :T].transpose(1, 2)
-    o = (scale * (e0 * (q_ @ S) + aqk @ U)).reshape(B, H, NT * C, V)[:, :, :T].transpose(1, 2)
-    return o.to(dtype), v_hat.to(dtype), state
+    out = chunked_forward(q, k, v, beta, g, starts, initial_state, scale, chunk_size)
+    T = q.shape[1]
+    return unchunk(out.o, T).to(q.dtype), unchunk(out.v_hat, T).to(q.dtype), out.state
