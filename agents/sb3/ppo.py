@@ -190,8 +190,8 @@ class HAMRecurrentPPO(RecurrentPPO):
         initial_states = clone_states(self._last_lstm_states, compact=True)
         lstm_states = self._last_lstm_states
         track_cache = bool(getattr(self.policy.memory_actor, "has_cache", False))
-        # A critic with its own memory is not stepped: its values (and time-limit bootstraps) come from one
-        # sequence call over the rollout at the end, as in training (see _critic_over_rollout).
+        # A critic with its own memory is not stepped: its values come from one sequence call over the rollout at
+        # the end, as in training, and its time-limit bootstraps from one more (see _critic_over_rollout).
         defer_critic = self.defer_critic and self.policy.memory_critic is not None
         truncations: list[tuple[int, int, object]] = []
 
@@ -299,25 +299,54 @@ class HAMRecurrentPPO(RecurrentPPO):
         Stepping the critic's memory during the rollout would cost as much as stepping the actor's, and its
         values are not needed before the rollout ends; the sequence form gives the same values (to round-off)
         and is what training evaluates. Time-limit truncations ``(step, env, terminal_obs)`` add
-        ``gamma * V(terminal_obs)`` to that step's reward, with V read after the env's row up to that step.
+        ``gamma * V(terminal_obs)`` to that step's reward, V read after the truncated episode's steps: all of
+        them in one more sequence call, one row per truncation (the episode's steps in this rollout, then the
+        terminal observation; right-padded, which a causal memory never reads).
 
         :return: values ``[n_steps, n_envs]`` and the critic state after the last step
         """
         obs, starts = rollout_buffer.observation_rows(n_steps)
         with th.inference_mode():
             values, state = self.policy.values_and_state(obs, vf, starts)
-            for step, idx, terminal_obs in truncations:
-                row = slice(idx * n_steps, idx * n_steps + step + 1)
-                last = self.policy.obs_to_tensor(terminal_obs)[0]
-                if isinstance(obs, dict):
-                    row_obs = {key: th.cat([obs[key][row], last[key].to(obs[key].dtype)]) for key in obs}
-                else:
-                    row_obs = th.cat([obs[row], last.reshape(1, *obs.shape[1:]).to(obs.dtype)])
-                row_starts = th.cat([starts[row], starts.new_zeros(1)])
-                terminal_value = self.policy.values_and_state(row_obs, vf[idx], row_starts)[0][-1]
-                rollout_buffer.rewards[step, idx] += self.gamma * terminal_value.item()
+            if truncations:
+                self._bootstrap_truncations(rollout_buffer, vf, obs, starts, n_steps, truncations)
         values = values.reshape(rollout_buffer.n_envs, n_steps).T
         return values.cpu().numpy(), state
+
+    def _bootstrap_truncations(
+        self, rollout_buffer, vf: MemoryState, obs, starts: th.Tensor, n_steps: int, truncations: list
+    ) -> None:
+        """Add ``gamma * V(terminal_obs)`` to the reward of each truncated step, in one batched critic call."""
+        pieces, envs = [], []
+        for step, idx, terminal_obs in truncations:
+            row = slice(idx * n_steps, idx * n_steps + step + 1)
+            begun = starts[row].nonzero()
+            first = idx * n_steps + (int(begun[-1]) if len(begun) else 0)  # the episode's first step in the rollout
+            episode = slice(first, row.stop)
+            last = self.policy.obs_to_tensor(terminal_obs)[0]
+            if isinstance(obs, dict):
+                piece_obs = {key: th.cat([obs[key][episode], last[key].to(obs[key].dtype)]) for key in obs}
+            else:
+                piece_obs = th.cat([obs[episode], last.reshape(1, *obs.shape[1:]).to(obs.dtype)])
+            pieces.append((piece_obs, th.cat([starts[episode], starts.new_zeros(1)])))
+            envs.append(idx)
+        lengths = [len(piece_starts) for _, piece_starts in pieces]
+
+        def batch(tensors: list[th.Tensor]) -> th.Tensor:  # [N, L_max, ...] -> env-major [N * L_max, ...]
+            padded = th.nn.utils.rnn.pad_sequence(tensors, batch_first=True)
+            return padded.reshape(-1, *padded.shape[2:])
+
+        if isinstance(obs, dict):
+            batch_obs = {key: batch([piece_obs[key] for piece_obs, _ in pieces]) for key in obs}
+        else:
+            batch_obs = batch([piece_obs for piece_obs, _ in pieces])
+        batch_starts = batch([piece_starts for _, piece_starts in pieces])
+        # An episode that began before the rollout continues from the env's state at the rollout start; one that
+        # began inside it starts with a reset, so that state is ignored.
+        state = vf[th.as_tensor(envs, device=starts.device)]
+        values = self.policy.values_and_state(batch_obs, state, batch_starts)[0].reshape(len(pieces), -1)
+        for n, ((step, idx, _), length) in enumerate(zip(truncations, lengths, strict=True)):
+            rollout_buffer.rewards[step, idx] += self.gamma * values[n, length - 1].item()
 
     def train(self) -> None:
         """RecurrentPPO's update, then each memory's ``end_update()`` (threshold feedback) and its stats logged."""

@@ -205,16 +205,16 @@ def test_truncated_episodes_bootstrap():
     state after its last step: one extra value per truncated episode."""
     env = make_env(wrapper_class=gym.wrappers.TimeLimit, wrapper_kwargs=dict(max_episode_steps=10))
     model = make_model("ham", env=env)
-    calls = []
-    values_and_state = model.policy.values_and_state
+    bootstrapped = []
+    bootstrap = model._bootstrap_truncations
 
-    def spy(obs, state, episode_starts):
-        calls.append(state.batch_size)
-        return values_and_state(obs, state, episode_starts)
+    def spy(rollout_buffer, vf, obs, starts, n_steps, truncations):
+        bootstrapped.extend(truncations)
+        return bootstrap(rollout_buffer, vf, obs, starts, n_steps, truncations)
 
-    model.policy.values_and_state = spy
+    model._bootstrap_truncations = spy
     model.learn(2 * 4 * 64)
-    assert calls.count(1) >= 2 * 4 * 6  # one bootstrap per truncated episode (6 per env per rollout)
+    assert len(bootstrapped) >= 2 * 4 * 6  # one bootstrap per truncated episode (6 per env per rollout)
     assert model._last_lstm_states.pi.episode_len.max() <= 10
 
 
