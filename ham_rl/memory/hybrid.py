@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ham_rl.memory.base import Memory
 from ham_rl.memory.cache_plan import plan_cache, seen_candidates
 from ham_rl.memory.l2norm import l2norm
-from ham_rl.memory.short_conv import ShortConv
+from ham_rl.memory.short_conv import FOLD_MAX_INPUTS, ShortConv, folded_short_conv
 from ham_rl.state import KVCache, MemoryState
 from kernels.cache_attention import cache_attention
 from kernels.gated_delta_rule import gated_delta_rule
@@ -96,6 +96,8 @@ class HybridMemory(Memory):
         H = num_heads
         self.qkv = nn.Linear(input_size, 3 * hidden_size, bias=False)
         self.conv = ShortConv(3 * hidden_size, conv_size) if conv_size else None
+        # Narrow inputs: the convolution runs folded into the q/k/v projection (short_conv.py); same parameters.
+        self.conv_folded = bool(conv_size) and conv_size * input_size <= FOLD_MAX_INPUTS
         if use_rnn:
             self.beta_proj = nn.Linear(input_size, H)
             self.gate_rnn = nn.Linear(input_size, H)
@@ -146,13 +148,14 @@ class HybridMemory(Memory):
 
     # -- state ---------------------------------------------------------------------------------------------
     def _initial_rnn(self, batch_size, device):
-        # rnn = (S [B, H, K, V] if use_rnn) + (conv history [B, conv_size - 1, 3 * hidden] if conv)
+        # rnn = (S [B, H, K, V] if use_rnn) + (conv history [B, conv_size - 1, input_size if folded else 3 * hidden])
         dtype = self.qkv.weight.dtype
         out = ()
         if self.use_rnn:
             out += (torch.zeros(batch_size, self.num_heads, self.head_dim, self.head_dim, device=device, dtype=dtype),)
         if self.conv is not None:
-            out += (self.conv.initial_history(batch_size, 3 * self.hidden_size, device, dtype),)
+            width = self.input_size if self.conv_folded else 3 * self.hidden_size
+            out += (self.conv.initial_history(batch_size, width, device, dtype),)
         return out
 
     def _split_rnn(self, rnn: tuple[Tensor, ...]) -> tuple[Tensor | None, Tensor | None]:
@@ -174,9 +177,12 @@ class HybridMemory(Memory):
     def _project(self, x: Tensor, history: Tensor | None, steps: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
         """Per-token quantities for ``x [B, T, input_size]``: q, k, v ``[B, T, H, d]``; gates ``[B, T, H]``."""
         H, d = self.num_heads, self.head_dim
-        qkv = self.qkv(x)
-        if self.conv is not None:
-            qkv, history = self.conv(qkv, history, steps)
+        if self.conv is None:
+            qkv = self.qkv(x)
+        elif self.conv_folded:
+            qkv, history = folded_short_conv(x, history, steps, self.qkv.weight, self.conv.weight, self.conv.bias)
+        else:
+            qkv, history = self.conv(self.qkv(x), history, steps)
         qkv = qkv.unflatten(-1, (3, H, d))  # [B, T, 3, H, d]
         q, k = l2norm(qkv[..., :2, :, :]).unbind(-3)  # each [B, T, H, d], unit vectors; one call for both
         p = {"q": q, "k": k, "v": qkv[..., 2, :, :]}

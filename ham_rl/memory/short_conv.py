@@ -1,6 +1,14 @@
 """Causal depthwise convolution over the last few steps of an episode, with per-env history (Gated DeltaNet's
 short convolution). It gives q, k and v direct access to the previous ``size - 1`` steps, which a delta rule
 with unit-norm keys otherwise has to learn to encode through positions.
+
+The convolution is depthwise and linear before its SiLU, so on a projection ``W x`` it folds into the projection:
+``sum_j w_j * (W x_{t-j}) = [diag(w_0) W, ..., diag(w_{K-1}) W] [x_t; ...; x_{t-K+1}]``. When the projection's
+input is narrow (``size * input_size <= FOLD_MAX_INPUTS``, e.g. POPGym observations), ``folded_short_conv`` runs
+that one matmul over the masked lagged *inputs* instead of masking, shifting and summing the 3 * hidden projected
+channels. A HAM forward + backward on one 128-step row (hidden 256, size 4) then takes 7.1 instead of 8.1 ms with 4
+input features and 7.8 instead of 8.2 with 16; at 32 the two forms are even and at 64 the folded one is 1.2x slower,
+hence the bound. Its history is then the last ``size - 1`` inputs rather than projections.
 """
 
 from __future__ import annotations
@@ -11,7 +19,10 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["ShortConv", "short_conv"]
+__all__ = ["ShortConv", "short_conv", "folded_short_conv", "FOLD_MAX_INPUTS"]
+
+#: ``folded_short_conv`` pays for itself while the folded matmul's inner size, ``size * input_size``, stays this small
+FOLD_MAX_INPUTS = 64
 
 
 def _masked(t: Tensor, steps: Tensor, lag: int) -> Tensor:
@@ -70,6 +81,22 @@ def short_conv(x: Tensor, history: Tensor, steps: Tensor, weight: Tensor, bias: 
         return _ShortConvFunction.apply(x, history, steps, weight, bias)
     pre, _, new_history = _forward(x, history, steps, weight, bias)  # rollout steps: no autograd.Function overhead
     return nn.functional.silu(pre), new_history
+
+
+def folded_short_conv(
+    x: Tensor, history: Tensor, steps: Tensor, proj_weight: Tensor, weight: Tensor, bias: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``short_conv`` of the projection ``x @ proj_weight.T`` as one matmul over the lagged inputs (module docstring).
+
+    ``x [B, T, F]``, ``history [B, K-1, F]`` (the last inputs, not projections), ``steps [B, T]``,
+    ``proj_weight [C, F]``, ``weight [K, C]``, ``bias [C]`` -> ``(y [B, T, C], history [B, K-1, F])``.
+    """
+    K, T = weight.shape[0], x.shape[1]
+    padded = torch.cat([history.to(x.dtype), x], 1)  # [B, K - 1 + T, F]
+    lagged = [x] + [_masked(padded[:, K - 1 - j : K - 1 - j + T], steps, j) for j in range(1, K)]
+    # Column block j of the folded weight is diag(w_j) W: [K, C, F] -> [C, K * F], matching cat(lagged, -1).
+    folded = (weight[:, :, None] * proj_weight).transpose(0, 1).reshape(proj_weight.shape[0], -1)
+    return nn.functional.silu(nn.functional.linear(torch.cat(lagged, -1), folded, bias)), padded[:, T:]
 
 
 class ShortConv(nn.Module):

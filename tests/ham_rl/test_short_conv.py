@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ham_rl.memory.short_conv import ShortConv, short_conv
+from ham_rl.memory.short_conv import ShortConv, folded_short_conv, short_conv
 
 
 def masked_slices(x, history, steps, weight, bias):
@@ -50,6 +50,40 @@ def test_matches_masked_slices_values_and_gradients(B, T, C, K):
     got = torch.autograd.grad(got_y, leaves, dy)
     for name, a, b in zip(("x", "history", "weight", "bias"), got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("B, T, F, C, K", [(3, 20, 4, 12, 4), (2, 1, 3, 6, 4), (1, 7, 2, 5, 1), (2, 9, 5, 8, 2)])
+def test_folded_equals_convolution_of_the_projection(B, T, F, C, K):
+    # The folded form takes the raw inputs (and keeps raw inputs as history); the convolution of W x must come out.
+    (x, history, weight, bias), steps = _inputs(B, T, F, K)
+    proj = torch.randn(C, F, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(K, C, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    want_y, _ = masked_slices(x @ proj.T, history @ proj.T, steps, weight, bias)
+    got_y, got_history = folded_short_conv(x, history, steps, proj, weight, bias)
+    torch.testing.assert_close(got_y, want_y, rtol=0, atol=1e-12)
+    assert torch.equal(got_history, torch.cat([history, x], 1)[:, T:])
+    dy = torch.randn_like(want_y)
+    leaves = (x, history, proj, weight, bias)
+    want = torch.autograd.grad(want_y, leaves, dy, allow_unused=True)
+    want = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, want, strict=True)]
+    got = torch.autograd.grad(got_y, leaves, dy, allow_unused=True)
+    got = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, got, strict=True)]
+    for name, a, b in zip(("x", "history", "proj", "weight", "bias"), got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=name)
+
+
+def test_folded_previous_episode_never_leaks_even_inf_or_nan():
+    proj, weight, bias = torch.randn(6, 3), torch.randn(4, 6, requires_grad=True), torch.zeros(6)
+    x = torch.randn(1, 5, 3)
+    history = torch.full((1, 3, 3), float("nan"))
+    history[0, 0] = float("inf")
+    fresh = torch.arange(5)[None]
+    y, _ = folded_short_conv(x, history, fresh, proj, weight, bias)
+    y_zero, _ = folded_short_conv(x, torch.zeros_like(history), fresh, proj, weight, bias)
+    assert torch.equal(y, y_zero)
+    y.sum().backward()
+    assert torch.isfinite(weight.grad).all()
 
 
 def test_gradcheck_float64():
