@@ -98,17 +98,19 @@ class HybridMemory(Memory):
         self.conv = ShortConv(3 * hidden_size, conv_size) if conv_size else None
         # Narrow inputs: the convolution runs folded into the q/k/v projection (short_conv.py); same parameters.
         self.conv_folded = bool(conv_size) and conv_size * input_size <= FOLD_MAX_INPUTS
-        if use_rnn:
-            self.beta_proj = nn.Linear(input_size, H)
-            self.gate_rnn = nn.Linear(input_size, H)
-            if not fixed_decay:
-                # alpha = exp(-softplus(a.x + b)); b spreads the heads' initial decays over timescales ~2..100 steps
-                self.decay_proj = nn.Linear(input_size, H)
-                with torch.no_grad():
-                    rates = torch.logspace(math.log10(0.01), math.log10(0.5), H)
-                    self.decay_proj.bias.copy_(torch.log(torch.expm1(rates)))
+        # The per-head scalars of each token (log decay, write strength, the two readout gates) come from one
+        # matmul: blocks of H rows in the order of `gate_names`, the decay first so the sigmoids form one block.
+        self.gate_names = (
+            (("decay",) if use_rnn and not fixed_decay else ()) + (("beta", "gate_rnn") if use_rnn else ())
+            + (("gate_attn",) if use_attention else ())
+        )  # fmt: skip
+        self.gates = nn.Linear(input_size, len(self.gate_names) * H)
+        if "decay" in self.gate_names:
+            # alpha = exp(-softplus(a.x + b)); b spreads the heads' initial decays over timescales ~2..100 steps
+            with torch.no_grad():
+                rates = torch.logspace(math.log10(0.01), math.log10(0.5), H)
+                self.gates.bias[self.gate_block("decay")] = torch.log(torch.expm1(rates))
         if use_attention:
-            self.gate_attn = nn.Linear(input_size, H)
             # q and k are unit vectors, so a learned per-head temperature lets attention become sharp
             self.attn_log_scale = nn.Parameter(torch.full((H,), math.log(8.0)))
         if router == "learned":
@@ -119,6 +121,20 @@ class HybridMemory(Memory):
         # Routing counts of step() calls since the last end_update (rollout tokens), for kv_fraction.
         self.register_buffer("_stored", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("_seen", torch.zeros((), dtype=torch.float64), persistent=False)
+
+    def gate_block(self, name: str) -> slice:
+        """The rows of ``gates`` that produce ``name`` (one of ``gate_names``), e.g. to inspect or pin a gate."""
+        i = self.gate_names.index(name)
+        return slice(i * self.num_heads, (i + 1) * self.num_heads)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints from before the gates were one matmul hold beta_proj, decay_proj, gate_rnn, gate_attn Linears.
+        old = {"decay": "decay_proj", "beta": "beta_proj", "gate_rnn": "gate_rnn", "gate_attn": "gate_attn"}
+        if prefix + "gates.weight" not in state_dict and f"{prefix}{old[self.gate_names[0]]}.weight" in state_dict:
+            for kind in ("weight", "bias"):
+                blocks = [state_dict.pop(f"{prefix}{old[name]}.{kind}") for name in self.gate_names]
+                state_dict[f"{prefix}gates.{kind}"] = torch.cat(blocks)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- threshold -----------------------------------------------------------------------------------------
     @property
@@ -186,12 +202,13 @@ class HybridMemory(Memory):
         qkv = qkv.unflatten(-1, (3, H, d))  # [B, T, 3, H, d]
         q, k = l2norm(qkv[..., :2, :, :]).unbind(-3)  # each [B, T, H, d], unit vectors; one call for both
         p = {"q": q, "k": k, "v": qkv[..., 2, :, :]}
-        if self.use_rnn:
-            p["beta"] = torch.sigmoid(self.beta_proj(x))
-            p["g"] = torch.zeros_like(p["beta"]) if self.fixed_decay else -F.softplus(self.decay_proj(x))
-            p["gate_rnn"] = torch.sigmoid(self.gate_rnn(x))
-        if self.use_attention:
-            p["gate_attn"] = torch.sigmoid(self.gate_attn(x))
+        z = self.gates(x)
+        if self.gate_names[0] == "decay":
+            p["g"], z = -F.softplus(z[..., :H]), z[..., H:]
+        sig = torch.sigmoid(z).unflatten(-1, (-1, H)).unbind(-2)
+        p.update(zip(self.gate_names[-len(sig) :], sig, strict=True))
+        if self.use_rnn and self.fixed_decay:
+            p["g"] = torch.zeros_like(p["beta"])
         if self.router == "learned":
             p["router"] = torch.sigmoid(self.router_net(x)).squeeze(-1)
         elif self.router == "all":

@@ -68,7 +68,7 @@ def test_tau_inf_is_gated_deltanet_readout():
     x, starts = torch.randn(B, T, IN), random_starts(B, T)
     y, state = mem(x, mem.initial_state(B), starts)
     assert state.cache_len.sum() == 0
-    mem.gate_attn.bias.data.fill_(-1e4)  # with nothing cached, the attention path contributes exactly 0
+    mem.gates.bias.data[mem.gate_block("gate_attn")] = -1e4  # with nothing cached, the attention path contributes exactly 0
     torch.testing.assert_close(mem(x, mem.initial_state(B), starts)[0], y)
 
 
@@ -106,3 +106,20 @@ def test_gradients_reach_every_parameter(name):
     y.square().mean().backward()
     for pname, p in mem.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: no gradient reaches {pname}"
+
+
+@pytest.mark.parametrize("name, options", [("ham", {}), ("ham", {"fixed_decay": True}), ("gdn", {}), ("window", {})])
+def test_loads_checkpoints_with_one_linear_per_gate(name, options):
+    # Before the per-head gates became one matmul, each was its own Linear; such state dicts still load.
+    torch.manual_seed(0)
+    mem = make_memory(name, IN, D, **options)
+    state_dict = mem.state_dict()
+    weight, bias = state_dict.pop("gates.weight"), state_dict.pop("gates.bias")
+    old = {"decay": "decay_proj", "beta": "beta_proj", "gate_rnn": "gate_rnn", "gate_attn": "gate_attn"}
+    for gate in mem.gate_names:
+        rows = mem.gate_block(gate)
+        state_dict[f"{old[gate]}.weight"], state_dict[f"{old[gate]}.bias"] = weight[rows], bias[rows]
+    loaded = make_memory(name, IN, D, **options)
+    loaded.load_state_dict(state_dict)  # strict: every old key consumed, nothing missing
+    x, starts = torch.randn(B, T, IN), random_starts(B, T)
+    torch.testing.assert_close(loaded(x, loaded.initial_state(B), starts)[0], mem(x, mem.initial_state(B), starts)[0])
