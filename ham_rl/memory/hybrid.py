@@ -230,7 +230,8 @@ class HybridMemory(Memory):
             o_rnn, v_hat, S = gated_delta_rule(p["q"], p["k"], p["v"], p["beta"], p["g"], starts, S)
             o = p["gate_rnn"][..., None] * o_rnn
             if score is None:
-                score = surprise_score(v_hat, p["v"])  # [B, T]
+                with torch.no_grad():  # the surprise only routes (a hard decision): nothing to record for autograd
+                    score = surprise_score(v_hat, p["v"])  # [B, T]
         if self.use_attention:
             routed = score.detach() >= self.tau
             plan = plan_cache(cache, starts, steps, score.detach(), routed, self.capacity, fifo=self.router == "all")

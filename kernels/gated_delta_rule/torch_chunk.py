@@ -51,7 +51,9 @@ class TorchChunkGatedDeltaRuleFunction(torch.autograd.Function):
         # What each chunk's outputs send to the state entering it, apart from the path through the next chunk.
         du_s = direct = None
         if do is not None:
-            do_ = scale * chunks(do.to(acc), NT, C, pad)
+            do_ = chunks(do.to(acc), NT, C, pad)
+            if scale != 1.0:
+                do_ = do_ * scale
             du_s = aqk.transpose(-1, -2) @ do_
             direct = (q_ * e0_).transpose(-1, -2) @ do_
         if dvhat is not None:
@@ -87,10 +89,13 @@ class TorchChunkGatedDeltaRuleFunction(torch.autograd.Function):
         r = torch.addcmul(v_, e0_, ks, value=-1)
         dbeta = (dy * r).sum(-1).sub_((dyu * akk).sum(-1))
         dr = beta_[..., None] * dy
-        dvs = -dr if dvhat is None else dvh_ - dr
+        # The gradient reaching v_hat's K S0 term is dvhat - dr; with no dvhat, -dr (signs folded, no negation pass).
+        dvs, sign = (dr, -1.0) if dvhat is None else (dvh_ - dr, 1.0)
         de0 = (dvs * ks).sum(-1)
+        if sign < 0:
+            de0 = de0.neg_()
         St = S.transpose(-1, -2)
-        dk.addcmul_(e0_, dvs @ St)
+        dk.addcmul_(e0_, dvs @ St, value=sign)
         # Akk = (K K^T) * gam * strict, reached from the solve and from v_hat; Aqk = (Q K^T) * gam from o
         dakk = beta_[..., None] * dyu
         dakk = dvh_ @ U.transpose(-1, -2) - dakk if dvhat is not None else dakk.neg_()
