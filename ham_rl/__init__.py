@@ -5,7 +5,17 @@
 >>> state = mem.initial_state(batch_size=4)
 """
 
-from ham_rl.memory import MEMORIES, GRUMemory, HybridMemory, LSTMMemory, Memory, MLPMemory, make_memory, memory_options
+from ham_rl.memory import (
+    MEMORIES,
+    GRUMemory,
+    HybridMemory,
+    LSTMMemory,
+    Memory,
+    MLPMemory,
+    forward_group,
+    make_memory,
+    memory_options,
+)
 from ham_rl.state import KVCache, MemoryState
 
 __all__ = [
@@ -17,6 +27,7 @@ __all__ = [
     "MLPMemory",
     "Memory",
     "MemoryState",
+    "forward_group",
     "make_memory",
     "memory_options",
 ]

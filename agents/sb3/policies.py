@@ -32,6 +32,7 @@ from stable_baselines3.common.torch_layers import (
 from stable_baselines3.common.type_aliases import Schedule
 from torch import nn
 
+from ham_rl.memory.base import forward_group
 from ham_rl.state import MemoryState
 
 __all__ = [
@@ -244,6 +245,15 @@ class HAMActorCriticPolicy(RecurrentActorCriticPolicy):
         y, state = memory(x, state, starts)  # one call over the whole rows
         return y.reshape(-1, memory.hidden_size), state
 
+    def _process_pair(self, features: th.Tensor, states: RNNStates, episode_starts: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+        """The actor's and the critic's memory outputs ``[B * T, hidden_size]`` over the same whole env rows."""
+        memories = (self.memory_actor, self.memory_critic)
+        n_rows = states.pi.batch_size
+        x = features.reshape(n_rows, -1, self.memory_actor.input_size)  # [B * T, F] -> [B, T, F]
+        starts = episode_starts.reshape(n_rows, -1).bool()
+        (y_pi, _), (y_vf, _) = forward_group(memories, x, [states.pi, states.vf], starts)
+        return y_pi.reshape(-1, self.hidden_size), y_vf.reshape(-1, self.hidden_size)
+
     def _latent_vf(
         self, vf_features: th.Tensor, state: MemoryState | None, episode_starts: th.Tensor, latent_pi: th.Tensor | None
     ) -> tuple[th.Tensor, MemoryState | None]:
@@ -347,8 +357,12 @@ class HAMActorCriticPolicy(RecurrentActorCriticPolicy):
         """
         features = self.extract_features(obs)
         pi_features, vf_features = (features, features) if self.share_features_extractor else features
-        latent_pi, _ = self._process_sequence(pi_features, lstm_states.pi, episode_starts, self.memory_actor)
-        latent_vf, _ = self._latent_vf(vf_features, lstm_states.vf, episode_starts, latent_pi)
+        if self.memory_critic is not None and self.share_features_extractor:
+            # Both memories read the same rows: one grouped call where the memory supports it (see forward_group).
+            latent_pi, latent_vf = self._process_pair(features, lstm_states, episode_starts)
+        else:
+            latent_pi, _ = self._process_sequence(pi_features, lstm_states.pi, episode_starts, self.memory_actor)
+            latent_vf, _ = self._latent_vf(vf_features, lstm_states.vf, episode_starts, latent_pi)
         latent_pi = self.mlp_extractor.forward_actor(latent_pi)
         latent_vf = self.mlp_extractor.forward_critic(latent_vf)
         distribution = self._get_action_dist_from_latent(latent_pi)

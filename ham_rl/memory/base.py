@@ -14,13 +14,14 @@ its episode, and adds the optional time-in-episode feature; subclasses implement
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ham_rl.state import MemoryState
 
-__all__ = ["Memory", "TimeEmbedding", "episode_steps"]
+__all__ = ["Memory", "TimeEmbedding", "episode_steps", "forward_group"]
 
 
 def episode_steps(episode_len: Tensor, starts: Tensor) -> Tensor:
@@ -29,6 +30,22 @@ def episode_steps(episode_len: Tensor, starts: Tensor) -> Tensor:
     idx = torch.arange(T, device=starts.device).expand_as(starts)
     last_start = torch.where(starts, idx, torch.full_like(idx, -1)).cummax(1).values
     return torch.where(last_start >= 0, idx - last_start, episode_len[:, None] + idx)
+
+
+def forward_group(
+    memories: Sequence[Memory], x: Tensor, states: Sequence[MemoryState], starts: Tensor
+) -> list[tuple[Tensor, MemoryState]]:
+    """``[m(x, s, starts) for m, s in zip(memories, states)]``, as one batched call where the memories allow it.
+
+    A recurrent PPO runs its actor's and its critic's memory over the same rows. Memories of one class and
+    configuration that support it (HAM and its relatives, see ``grouped.py``) run as one batch of ``G * B`` rows with
+    their weights stacked; outputs, states and gradients are those of the separate calls.
+    """
+    if len(memories) != len(states):
+        raise ValueError(f"forward_group: got {len(memories)} memories but {len(states)} states")
+    if len(memories) > 1 and memories[0]._groupable(memories):
+        return memories[0]._forward_group(memories, x, states, starts)
+    return [m(x, s, starts) for m, s in zip(memories, states, strict=True)]
 
 
 class TimeEmbedding(nn.Module):
@@ -132,6 +149,15 @@ class Memory(nn.Module):
         y, new_state = self._step(x, state, start, steps)
         new_state.episode_len = steps + 1
         return y, new_state
+
+    def _groupable(self, memories: Sequence[Memory]) -> bool:
+        """Whether ``_forward_group`` can run these memories together (``forward_group``)."""
+        return False
+
+    def _forward_group(
+        self, memories: Sequence[Memory], x: Tensor, states: Sequence[MemoryState], starts: Tensor
+    ) -> list[tuple[Tensor, MemoryState]]:
+        raise NotImplementedError(f"{type(self).__name__} runs grouped memories one by one")
 
     def _check(self, x: Tensor, state: MemoryState, starts: Tensor, sequence: bool) -> None:
         name, dims = ("starts", "[B, T]") if sequence else ("start", "[B]")

@@ -13,6 +13,7 @@ window (the last W tokens), hqlt (RNN + window: the naive hybrid HAM must beat).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 
 from ham_rl.memory.base import Memory
 from ham_rl.memory.cache_plan import plan_cache, seen_candidates
+from ham_rl.memory.grouped import forward_hybrid_group, groupable
 from ham_rl.memory.l2norm import l2norm
 from ham_rl.memory.short_conv import FOLD_MAX_INPUTS, ShortConv, folded_short_conv
 from ham_rl.state import KVCache, MemoryState
@@ -192,28 +194,33 @@ class HybridMemory(Memory):
     # -- shared projections --------------------------------------------------------------------------------
     def _project(self, x: Tensor, history: Tensor | None, steps: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
         """Per-token quantities for ``x [B, T, input_size]``: q, k, v ``[B, T, H, d]``; gates ``[B, T, H]``."""
-        H, d = self.num_heads, self.head_dim
         if self.conv is None:
             qkv = self.qkv(x)
         elif self.conv_folded:
             qkv, history = folded_short_conv(x, history, steps, self.qkv.weight, self.conv.weight, self.conv.bias)
         else:
             qkv, history = self.conv(self.qkv(x), history, steps)
-        qkv = qkv.unflatten(-1, (3, H, d))  # [B, T, 3, H, d]
-        q, k = l2norm(qkv[..., :2, :, :]).unbind(-3)  # each [B, T, H, d], unit vectors; one call for both
+        p = self._per_token(qkv, self.gates(x))
+        if self.router == "learned":
+            p["router"] = torch.sigmoid(self.router_net(x)).squeeze(-1)
+        elif self.router == "all":
+            p["router"] = x.new_zeros(x.shape[:-1])  # equal scores: a full window evicts the oldest
+        return p, history
+
+    def _per_token(self, qkv: Tensor, z: Tensor) -> dict[str, Tensor]:
+        """``qkv [..., 3 * hidden]`` (after the convolution) and the gate logits ``z [..., n * H]`` -> q, k (unit), v
+        ``[..., H, d]`` and the per-head gates ``[..., H]``."""
+        H, d = self.num_heads, self.head_dim
+        qkv = qkv.unflatten(-1, (3, H, d))  # [..., 3, H, d]
+        q, k = l2norm(qkv[..., :2, :, :]).unbind(-3)  # each [..., H, d], unit vectors; one call for both
         p = {"q": q, "k": k, "v": qkv[..., 2, :, :]}
-        z = self.gates(x)
         if self.gate_names[0] == "decay":
             p["g"], z = -F.softplus(z[..., :H]), z[..., H:]
         sig = torch.sigmoid(z).unflatten(-1, (-1, H)).unbind(-2)
         p.update(zip(self.gate_names[-len(sig) :], sig, strict=True))
         if self.use_rnn and self.fixed_decay:
             p["g"] = torch.zeros_like(p["beta"])
-        if self.router == "learned":
-            p["router"] = torch.sigmoid(self.router_net(x)).squeeze(-1)
-        elif self.router == "all":
-            p["router"] = x.new_zeros(x.shape[:-1])  # equal scores: a full window evicts the oldest
-        return p, history
+        return p
 
     def _readout(self, o: Tensor) -> Tensor:
         """``o [..., H, d]`` (gated sum of both paths) -> ``y [..., hidden_size]``."""
@@ -223,17 +230,37 @@ class HybridMemory(Memory):
     def _sequence(self, x, state, starts, steps):
         S, history = self._split_rnn(state.rnn)
         p, history = self._project(x, history, steps)
+        if self.use_attention:
+            # The per-head temperature is folded into q, so kernels take a plain float scale and autograd does the rest.
+            p["q_attn"] = p["q"] * self.attn_log_scale.exp()[:, None]
+        o_rnn, o_kv, S, cache = self._paths(p, S, state.cache, starts, steps, self.tau)
+        rnn = self._join_rnn(S, history)
+        return self._readout(self._gated(p, o_rnn, o_kv)), MemoryState(rnn=rnn, cache=cache, episode_len=state.episode_len)
+
+    @staticmethod
+    def _gated(p: dict[str, Tensor], o_rnn: Tensor | None, o_kv: Tensor | None) -> Tensor:
+        """``sigmoid(W_r x) * o_rnn + sigmoid(W_a x) * o_kv`` over the paths the memory has."""
         o = 0.0
-        cache = state.cache
+        if o_rnn is not None:
+            o = p["gate_rnn"][..., None] * o_rnn
+        if o_kv is not None:
+            o = o + p["gate_attn"][..., None] * o_kv
+        return o
+
+    def _paths(self, p: dict[str, Tensor], S: Tensor | None, cache: KVCache | None, starts: Tensor, steps: Tensor, tau):
+        """Delta rule, routing and attention over projected rows -> ``(o_rnn, o_kv, S, cache)``, None for a missing path.
+
+        Rows are independent and nothing here reads a parameter (``tau`` is a scalar or one per row), so the rows of
+        several memories of one configuration can go through it as one batch (``grouped.py``)."""
+        o_rnn = o_kv = None
         score = p.get("router")
         if self.use_rnn:
             o_rnn, v_hat, S = gated_delta_rule(p["q"], p["k"], p["v"], p["beta"], p["g"], starts, S)
-            o = p["gate_rnn"][..., None] * o_rnn
             if score is None:
                 with torch.no_grad():  # the surprise only routes (a hard decision): nothing to record for autograd
                     score = surprise_score(v_hat, p["v"])  # [B, T]
         if self.use_attention:
-            routed = score.detach() >= self.tau
+            routed = score.detach() >= tau
             plan = plan_cache(cache, starts, steps, score.detach(), routed, self.capacity, fifo=self.router == "all")
             values = p["v"]
             if self.router == "learned":
@@ -241,15 +268,19 @@ class HybridMemory(Memory):
                 values = values * (score / score.detach())[..., None, None]
             keys_all = torch.cat([cache.keys.to(values.dtype), p["k"]], 1)  # [B, L0 + T, H, d]
             values_all = torch.cat([cache.values.to(values.dtype), values], 1)
-            # The per-head temperature is folded into q, so kernels take a plain float scale and autograd does the rest.
-            q_scaled = p["q"] * self.attn_log_scale.exp()[:, None]
             index, visible = seen_candidates(plan.visible)
             per_column = index[..., None, None].expand(-1, -1, *keys_all.shape[2:])
-            o_kv = cache_attention(q_scaled, keys_all.gather(1, per_column), values_all.gather(1, per_column), visible, 1.0)
-            o = o + p["gate_attn"][..., None] * o_kv
+            keys, values = keys_all.gather(1, per_column), values_all.gather(1, per_column)
+            o_kv = cache_attention(p["q_attn"], keys, values, visible, 1.0)
             cache = self._gather_cache(cache, plan, keys_all, values_all, score, steps)
-        rnn = self._join_rnn(S, history)
-        return self._readout(o), MemoryState(rnn=rnn, cache=cache, episode_len=state.episode_len)
+        return o_rnn, o_kv, S, cache
+
+    # -- several memories over the same rows (the actor's and the critic's) ----------------------------------
+    def _groupable(self, memories: Sequence[Memory]) -> bool:
+        return groupable(memories)
+
+    def _forward_group(self, memories, x, states, starts):
+        return forward_hybrid_group(memories, x, states, starts)
 
     @staticmethod
     def _gather_cache(cache: KVCache, plan, keys_all: Tensor, values_all: Tensor, score: Tensor, steps: Tensor) -> KVCache:

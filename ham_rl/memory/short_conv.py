@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["ShortConv", "short_conv", "folded_short_conv", "FOLD_MAX_INPUTS"]
+__all__ = ["ShortConv", "short_conv", "folded_short_conv", "lagged_inputs", "fold_weight", "FOLD_MAX_INPUTS"]
 
 #: ``folded_short_conv`` pays for itself while the folded matmul's inner size, ``size * input_size``, stays this small
 FOLD_MAX_INPUTS = 64
@@ -91,12 +91,23 @@ def folded_short_conv(
     ``x [B, T, F]``, ``history [B, K-1, F]`` (the last inputs, not projections), ``steps [B, T]``,
     ``proj_weight [C, F]``, ``weight [K, C]``, ``bias [C]`` -> ``(y [B, T, C], history [B, K-1, F])``.
     """
-    K, T = weight.shape[0], x.shape[1]
-    padded = torch.cat([history.to(x.dtype), x], 1)  # [B, K - 1 + T, F]
-    lagged = [x] + [_masked(padded[:, K - 1 - j : K - 1 - j + T], steps, j) for j in range(1, K)]
-    # Column block j of the folded weight is diag(w_j) W: [K, C, F] -> [C, K * F], matching cat(lagged, -1).
-    folded = (weight[:, :, None] * proj_weight).transpose(0, 1).reshape(proj_weight.shape[0], -1)
-    return nn.functional.silu(nn.functional.linear(torch.cat(lagged, -1), folded, bias)), padded[:, T:]
+    lagged, new_history = lagged_inputs(x, history, steps, weight.shape[0])
+    return nn.functional.silu(nn.functional.linear(lagged, fold_weight(proj_weight, weight), bias)), new_history
+
+
+def lagged_inputs(x: Tensor, history: Tensor, steps: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """``[x_t; x_{t-1}; ...; x_{t-size+1}]`` per token, 0 before the episode start: ``x [..., T, F]``, ``history
+    [..., size-1, F]``, ``steps [..., T]`` -> ``([..., T, size * F], new history [..., size-1, F])``."""
+    T = x.shape[-2]
+    padded = torch.cat([history.to(x.dtype), x], -2)  # [..., K - 1 + T, F]; row K - 1 + t holds x_t
+    lagged = [x] + [_masked(padded[..., size - 1 - j : size - 1 - j + T, :], steps, j) for j in range(1, size)]
+    return torch.cat(lagged, -1), padded[..., T:, :]
+
+
+def fold_weight(proj_weight: Tensor, weight: Tensor) -> Tensor:
+    """The folded weight ``[..., C, K * F]``: column block j is ``diag(w_j) W`` (``proj_weight [..., C, F]``,
+    ``weight [..., K, C]``), matching ``lagged_inputs``."""
+    return (weight[..., :, :, None] * proj_weight[..., None, :, :]).transpose(-3, -2).flatten(-2)
 
 
 class ShortConv(nn.Module):

@@ -37,27 +37,34 @@ def make_model(memory: str = "ham", memory_kwargs: dict | None = None, env=None,
 
 
 class CountMemoryCalls(BaseCallback):
-    """Counts sequence (forward) and step calls of the actor memory inside train()."""
+    """Counts sequence calls (alone, or grouped with the critic's memory) and step calls of the actor memory inside
+    train()."""
 
     def __init__(self):
         super().__init__()
         self.in_train = False
         self.sequence_calls = 0
+        self.grouped_calls = 0
         self.steps_in_train = 0
 
     def _on_training_start(self):
         memory = self.model.policy.memory_actor
-        forward, step = memory.forward, memory.step
+        forward, step, grouped = memory.forward, memory.step, memory._forward_group
 
         def counted_forward(*args, **kwargs):
             self.sequence_calls += 1
             return forward(*args, **kwargs)
 
+        def counted_grouped(memories, *args, **kwargs):
+            self.sequence_calls += int(memory in memories)
+            self.grouped_calls += 1
+            return grouped(memories, *args, **kwargs)
+
         def counted_step(*args, **kwargs):
             self.steps_in_train += int(self.in_train)
             return step(*args, **kwargs)
 
-        memory.forward, memory.step = counted_forward, counted_step
+        memory.forward, memory.step, memory._forward_group = counted_forward, counted_step, counted_grouped
 
     def _on_rollout_start(self):
         self.in_train = False
@@ -129,6 +136,7 @@ def test_training_is_one_memory_call_per_minibatch():
     counter = CountMemoryCalls()
     model.learn(2 * 4 * 64, callback=counter)  # 2 rollouts x 2 epochs x 2 minibatches (2 env rows each)
     assert counter.sequence_calls == 2 * 2 * 2
+    assert counter.grouped_calls == 2 * 2 * 2  # the actor's and the critic's memory in one call per minibatch
     assert counter.steps_in_train == 0
 
 

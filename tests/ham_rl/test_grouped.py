@@ -1,0 +1,107 @@
+"""forward_group: several memories over the same rows in one batched call equal the separate calls."""
+
+import pytest
+import torch
+from memory_helpers import assert_states_close, random_starts
+
+from ham_rl import make_memory
+from ham_rl.memory import forward_group
+
+B, T, IN, D = 3, 20, 7, 16
+
+# (name, options): every configuration the grouped path covers
+GROUPED = [
+    ("ham", {}),
+    ("ham", {"capacity": 3, "threshold": 0.3}),
+    ("ham", {"fixed_decay": True}),
+    ("ham", {"conv_size": 0}),
+    ("ham", {"time_feature": False}),
+    ("gdn", {}),
+    ("attention", {}),
+    ("window", {"window": 5}),
+    ("hqlt", {"window": 3}),
+]
+
+
+IDS = [f"{name}-{'-'.join(map(str, options.values())) or 'default'}" for name, options in GROUPED]
+
+
+def _pair_with_carried_states(name, options, input_size=IN, seed=0):
+    torch.manual_seed(seed)
+    memories = [make_memory(name, input_size, D, **options) for _ in range(2)]
+    states = []
+    for m in memories:  # a first segment gives each memory its own carried state (RNN, conv history, cache)
+        with torch.no_grad():
+            warm_starts = random_starts(B, T, p=0.1)
+            _, state = m(torch.randn(B, T, input_size), m.initial_state(B), warm_starts)
+        states.append(state)
+    return memories, states
+
+
+@pytest.mark.parametrize(
+    "name, options", GROUPED, ids=[f"{n}-{'-'.join(map(str, o.values())) or 'default'}" for n, o in GROUPED]
+)
+def test_grouped_equals_separate_calls(name, options):
+    memories, states = _pair_with_carried_states(name, options)
+    with torch.no_grad():  # different taus, so the two memories route differently
+        memories[1].tau.fill_(0.2) if memories[1].threshold is not None else None
+    assert memories[0]._groupable(memories)
+    x, starts = torch.randn(B, T, IN), random_starts(B, T, p=0.15)
+    starts[1, T // 2] = True
+    separate = [m(x, s, starts) for m, s in zip(memories, states, strict=True)]
+    grouped = forward_group(memories, x, states, starts)
+    for (y_sep, s_sep), (y_grp, s_grp) in zip(separate, grouped, strict=True):
+        torch.testing.assert_close(y_grp, y_sep, atol=1e-5, rtol=0)
+        assert_states_close(s_grp, s_sep)
+    # Gradients reach each memory's own parameters as in the separate calls.
+    weights = [torch.randn_like(y) for y, _ in separate]
+    params = [p for m in memories for p in m.parameters()]
+    want = torch.autograd.grad(
+        sum((y * w).sum() for (y, _), w in zip(separate, weights, strict=True)), params, allow_unused=True
+    )
+    got = torch.autograd.grad(
+        sum((y * w).sum() for (y, _), w in zip(grouped, weights, strict=True)), params, allow_unused=True
+    )
+    for (pname, _), a, b in zip([np for m in memories for np in m.named_parameters()], got, want, strict=True):
+        if b is None:
+            assert a is None or a.abs().max() == 0, pname
+            continue
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=pname)
+
+
+def test_grouped_input_states_are_untouched():
+    memories, states = _pair_with_carried_states("ham", {})
+    before = [s.clone() for s in states]
+    forward_group(memories, torch.randn(B, T, IN), states, random_starts(B, T))
+    for a, b in zip(states, before, strict=True):
+        assert_states_close(a, b, atol=0)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["learned router", "wide input (convolution not folded)", "different head counts", "gru"],
+)
+def test_falls_back_to_separate_calls(case):
+    torch.manual_seed(0)
+    input_size = 40 if case.startswith("wide") else IN
+    if case == "learned router":
+        memories = [make_memory("ham-learned", IN, D) for _ in range(2)]
+    elif case == "different head counts":
+        memories = [make_memory("ham", IN, D, num_heads=2), make_memory("ham", IN, D, num_heads=4)]
+    elif case == "gru":
+        memories = [make_memory("gru", IN, D) for _ in range(2)]
+    else:
+        memories = [make_memory("ham", input_size, D) for _ in range(2)]
+    assert not memories[0]._groupable(memories)
+    states = [m.initial_state(B) for m in memories]
+    x, starts = torch.randn(B, T, input_size), random_starts(B, T)
+    for (y_grp, _), m, s in zip(forward_group(memories, x, states, starts), memories, states, strict=True):
+        torch.testing.assert_close(y_grp, m(x, s, starts)[0])
+
+
+def test_bad_input_is_rejected_like_a_single_call():
+    memories, states = _pair_with_carried_states("ham", {})
+    with pytest.raises(ValueError, match="memories but"):
+        forward_group(memories, torch.randn(B, T, IN), states[:1], random_starts(B, T))
+    with pytest.raises(ValueError, match="bool tensor"):
+        forward_group(memories, torch.randn(B, T, IN), states, torch.zeros(B, T))
