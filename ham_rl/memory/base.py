@@ -9,6 +9,9 @@ A memory maps a stream of per-env inputs to per-env outputs while carrying a :cl
 ``starts[b, t]`` means env b begins a new episode at step t: nothing from before t may influence the output
 at t or later. The two forms agree to round-off. The base class checks inputs, tracks each env's step within
 its episode, and adds the optional time-in-episode feature; subclasses implement ``_sequence`` and ``_step``.
+
+``forward_group(memories, x, states, starts)`` runs several memories over the same rows (an actor's and a critic's)
+and returns what the separate calls would; memories that support it (``_groupable``) run as one batch.
 """
 
 from __future__ import annotations
