@@ -67,17 +67,25 @@ class TorchChunkGatedDeltaRuleFunction(torch.autograd.Function):
         k_end_, w_t = k_end.reshape(B * H, NT, C, K), w.transpose(-1, -2).reshape(B * H, NT, K, C)
         d_end_ = d_end.reshape(B * H, NT, 1, 1)
         direct_ = None if direct is None else direct.reshape(B * H, NT, K, V)
+        want_dh0 = has_h0 and ctx.needs_input_grad[6]
+        ds_is_zero = dht is None  # then the products with it are zeros: skip them (the last chunk, in training)
         leaving, kds = [None] * NT, [None] * NT
         for c in reversed(range(NT)):
             leaving[c] = ds
+            if ds_is_zero:
+                kds[c] = k_.new_zeros(B * H, C, V)
+                if direct_ is not None:
+                    ds, ds_is_zero = direct_[:, c], False
+                continue
             kds[c] = k_end_[:, c] @ ds
+            if c == 0 and not want_dh0:
+                break  # what leaves the first chunk backwards is the initial state's gradient, not wanted
             carried = d_end_[:, c] * ds
             if direct_ is not None:
                 carried = carried + direct_[:, c]
             ds = torch.baddbmm(carried, w_t[:, c], kds[c], alpha=-1)
         dS = torch.stack(leaving, 1).reshape(B, H, NT, K, V)  # gradient of the state leaving each chunk
         du = _add(du_s, torch.stack(kds, 1).reshape(B, H, NT, C, V))
-        ds = ds.reshape(B, H, K, V)
         # S_end = d_end S0 + K^T diag(w_end) U
         uds = U @ dS.transpose(-1, -2)  # [B, H, NT, C, K]
         dk = w_end[..., None] * uds
@@ -113,7 +121,7 @@ class TorchChunkGatedDeltaRuleFunction(torch.autograd.Function):
         dG = (dgam.sum(-1) - dgam.sum(-2)).addcmul_(de0, e0).sub_(dw)
         dG[..., -1] += dG_last
         dg = dG.flip(-1).cumsum(-1).flip(-1)  # G is a cumsum of g inside the chunk
-        dh0 = ds.to(h0_dtype) if has_h0 else None
+        dh0 = ds.reshape(B, H, K, V).to(h0_dtype) if want_dh0 else None
         grads = [unchunk(t, T).to(dt) for t, dt in zip((dq, dk, dr, dbeta, dg), dtypes, strict=True)]
         return (*grads, None, dh0, None, None)
 
