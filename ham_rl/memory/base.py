@@ -60,10 +60,14 @@ class TimeEmbedding(nn.Module):
         self.register_buffer("freqs", freqs, persistent=False)
         self.proj = nn.Linear(2 * num_frequencies, input_size)
 
+    def features(self, steps: Tensor) -> Tensor:
+        """``steps [...]`` long -> the sin/cos features before the projection, ``[..., 2 * num_frequencies]``."""
+        angles = steps.to(self.freqs.dtype)[..., None] * self.freqs
+        return torch.cat([angles.sin(), angles.cos()], -1)
+
     def forward(self, steps: Tensor) -> Tensor:
         """``steps [...]`` long -> ``[..., input_size]``."""
-        angles = steps.to(self.freqs.dtype)[..., None] * self.freqs
-        return self.proj(torch.cat([angles.sin(), angles.cos()], -1))
+        return self.proj(self.features(steps))
 
 
 def _check_positive_int(name: str, value: object) -> int:

@@ -5,7 +5,7 @@ leaves the CPU mostly idle between small ops, so here the G memories' weights ar
 batch of G * B rows: batched matmuls for the projections, one delta rule and one attention for all; each memory
 keeps its own readout (batching it gained nothing, and stacking its 256 x 256 weight costs a copy). At
 RecurrentPPO's defaults a HAMRecurrentPPO training epoch costs 6-10% less than with two calls (model.train() side
-by side in one process), and `bench/sb3.py`'s train time fell 4.37 -> 3.57 s. Outputs, states and gradients equal
+by side in one process), and `bench/sb3.py`'s train time fell 4.37 -> 3.57-3.94 s. Outputs, states and gradients equal
 those of the separate calls.
 
 Covered: every HybridMemory configuration except the learned router (its router MLP is not stacked) and the short
@@ -46,14 +46,8 @@ def groupable(memories: Sequence) -> bool:
 
 
 def _stack(memories: Sequence, name: str) -> Tensor:
-    """The parameter at dotted path ``name`` of each memory, stacked: ``[G, ...]``."""
-    params = []
-    for m in memories:
-        obj = m
-        for part in name.split("."):
-            obj = getattr(obj, part)
-        params.append(obj)
-    return torch.stack(params)
+    """The parameter ``name`` (dotted path) of each memory, stacked: ``[G, ...]``."""
+    return torch.stack([m.get_parameter(name) for m in memories])
 
 
 def _linear(x: Tensor, memories: Sequence, name: str, bias: bool = True) -> Tensor:
@@ -77,9 +71,7 @@ def forward_hybrid_group(
     steps = episode_steps(state.episode_len, starts_all)  # [G * B, T]
     xg = x.reshape(1, B * T, F_in).expand(G, -1, -1)
     if first.time_embedding is not None:  # x + proj_g(sin/cos features of the step), as Memory.forward does
-        freqs = first.time_embedding.freqs
-        angles = steps.to(freqs.dtype).view(G, B * T, 1) * freqs
-        features = torch.cat([angles.sin(), angles.cos()], -1)
+        features = first.time_embedding.features(steps.view(G, B * T))
         xg = xg + _linear(features, memories, "time_embedding.proj").to(x.dtype)
     if first.conv is None:
         qkv = _linear(xg, memories, "qkv", bias=False)

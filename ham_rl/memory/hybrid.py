@@ -247,7 +247,9 @@ class HybridMemory(Memory):
             o = o + p["gate_attn"][..., None] * o_kv
         return o
 
-    def _paths(self, p: dict[str, Tensor], S: Tensor | None, cache: KVCache | None, starts: Tensor, steps: Tensor, tau):
+    def _paths(
+        self, p: dict[str, Tensor], S: Tensor | None, cache: KVCache | None, starts: Tensor, steps: Tensor, tau: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, KVCache | None]:
         """Delta rule, routing and attention over projected rows -> ``(o_rnn, o_kv, S, cache)``, None for a missing path.
 
         Rows are independent and nothing here reads a parameter (``tau`` is a scalar or one per row), so the rows of
