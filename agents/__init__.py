@@ -1,6 +1,6 @@
 """Agents: our recurrent PPO (sequence minibatches) and its actor-critic."""
 
-from agents.policy import ActionHead, RecurrentActorCritic, layer_init
-from agents.ppo import PPO, NonFiniteLossError, PPOConfig
+from ham_rl.agents.policy import ActionHead, RecurrentActorCritic, layer_init
+from ham_rl.agents.ppo import PPO, NonFiniteLossError, PPOConfig
 
 __all__ = ["PPO", "ActionHead", "NonFiniteLossError", "PPOConfig", "RecurrentActorCritic", "layer_init"]

@@ -13,7 +13,7 @@ import torch
 from gymnasium import spaces
 from torch import Tensor, nn
 
-from ham_rl import MemoryState, make_memory
+from ham_rl.memory import MemoryState, make_memory
 
 __all__ = ["ActionHead", "RecurrentActorCritic", "layer_init"]
 

@@ -10,8 +10,8 @@ size. RecurrentPPO runs in one of two settings:
 
 from __future__ import annotations
 
-from agents import PPO, PPOConfig, RecurrentActorCritic
-from envs import VecEnv, resolve_env_id
+from ham_rl.agents import PPO, PPOConfig, RecurrentActorCritic
+from ham_rl.envs import VecEnv, resolve_env_id
 
 SB3_SETTINGS = ("matched", "defaults")
 

@@ -11,17 +11,11 @@ chunked-vs-naive comparison of the gated delta rule's CPU path instead.
 from __future__ import annotations
 
 import argparse
-import pathlib
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
-
-# This file is bench/kernels.py: as a script its folder comes first on sys.path and would shadow the `kernels` package.
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if pathlib.Path(p or ".").resolve() != ROOT / "bench"]
 
 
 def median_time(fn, repeats: int, sync=lambda: None) -> float:
@@ -56,8 +50,8 @@ def fwd_bwd(fn, *args):
 
 
 def cpu_section(repeats: int) -> None:
-    from kernels.gated_delta_rule.naive_chunk import naive_chunk_gated_delta_rule
-    from kernels.gated_delta_rule.reference import naive_recurrent_gated_delta_rule
+    from ham_rl.kernels.gated_delta_rule.naive_chunk import naive_chunk_gated_delta_rule
+    from ham_rl.kernels.gated_delta_rule.reference import naive_recurrent_gated_delta_rule
 
     print("CPU: the Triton kernels need a GPU (CUDA); timing the CPU path of gated_delta_rule instead.")
     print(f"{'B':>4} {'T':>6} {'H':>3} {'D':>4} | {'naive fwd+bwd ms':>17} {'chunked ms':>11} {'ratio':>6}")
@@ -69,12 +63,12 @@ def cpu_section(repeats: int) -> None:
 
 
 def cuda_section(repeats: int) -> None:
-    from kernels.cache_attention.parallel import parallel_cache_attention
-    from kernels.cache_attention.reference import masked_cache_attention
-    from kernels.gated_delta_rule.chunk import chunk_gated_delta_rule
-    from kernels.gated_delta_rule.reference import naive_recurrent_gated_delta_rule
-    from kernels.ham_step.fused import fused_ham_step
-    from kernels.ham_step.reference import ham_step
+    from ham_rl.kernels.cache_attention.parallel import parallel_cache_attention
+    from ham_rl.kernels.cache_attention.reference import masked_cache_attention
+    from ham_rl.kernels.gated_delta_rule.chunk import chunk_gated_delta_rule
+    from ham_rl.kernels.gated_delta_rule.reference import naive_recurrent_gated_delta_rule
+    from ham_rl.kernels.ham_step.fused import fused_ham_step
+    from ham_rl.kernels.ham_step.reference import ham_step
 
     sync = torch.cuda.synchronize
     dev = "cuda"

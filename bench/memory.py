@@ -11,15 +11,8 @@ medians over repeats divided by gru's median.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
-
-# Run as a file, this folder comes first on sys.path and bench/kernels.py would shadow the kernels package.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
 
 import torch
 

@@ -22,13 +22,8 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
-
-if __package__ in (None, ""):  # `python bench/sb3.py`: bench/kernels.py would shadow the kernels package
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np
 import popgym  # noqa: F401  (registers popgym-*-v0)

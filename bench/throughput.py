@@ -26,14 +26,12 @@ import sys
 import time
 import warnings
 
-# bench/ holds kernels.py, memory.py ...: keep them from shadowing the packages of the same name, and find the repo
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
+if __package__ in (None, ""):  # `python bench/<name>.py`: bench.contenders comes from the checkout
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch
+from ham_rl.agents import PPOConfig
 
-from agents import PPOConfig
 from bench.contenders import SB3_SETTINGS, make_ours, make_recurrent_ppo
 
 

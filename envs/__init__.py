@@ -1,7 +1,7 @@
 """Environment construction: names -> gymnasium envs, space encoders, the in-process vector env."""
 
-from envs.encoding import SpaceEncoder
-from envs.registry import ENV_ALIASES, make_env, resolve_env_id, valid_env_names
-from envs.vector import VecEnv
+from ham_rl.envs.encoding import SpaceEncoder
+from ham_rl.envs.registry import ENV_ALIASES, make_env, resolve_env_id, valid_env_names
+from ham_rl.envs.vector import VecEnv
 
 __all__ = ["ENV_ALIASES", "SpaceEncoder", "VecEnv", "make_env", "resolve_env_id", "valid_env_names"]

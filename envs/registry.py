@@ -1,8 +1,11 @@
-"""Environment names: project aliases (``popgym-repeat``) and any registered gymnasium id (``popgym-RepeatFirstMedium-v0``)."""
+"""Environment names: project aliases (``popgym-repeat``), any registered gymnasium id (``popgym-RepeatFirstMedium-v0``),
+and gymnasium's ``module:EnvId`` form for an env that a user's module registers when imported
+(``my_pkg.tasks:MyEnv-v0``)."""
 
 from __future__ import annotations
 
 import difflib
+import importlib
 
 import gymnasium as gym
 
@@ -45,12 +48,31 @@ def resolve_env_id(name: str) -> str:
     _register_popgym()
     if not isinstance(name, str) or not name:
         raise ValueError(f"env id must be a non-empty string, got {name!r}")
+    if ":" in name:
+        return _resolve_module_env(name)
     env_id = ENV_ALIASES.get(name, name)
     if env_id in gym.registry:
         return env_id
     close = difflib.get_close_matches(name, valid_env_names(), n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     raise ValueError(f"unknown env {name!r}{hint}; valid names: {', '.join(valid_env_names())}")
+
+
+def _resolve_module_env(name: str) -> str:
+    """``module:EnvId``: import the module (which registers its envs), check the id; the name itself is returned, so
+    that ``gym.make`` imports the module again wherever the env is built (worker processes, evaluation)."""
+    module, _, env_id = name.partition(":")
+    if not module or not env_id:
+        raise ValueError(f"env id {name!r} must be `<module>:<EnvId>` with both parts non-empty, e.g. my_pkg.tasks:MyEnv-v0")
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise ValueError(f"env id {name!r}: cannot import module {module!r} ({e}); is it on PYTHONPATH?") from e
+    if env_id not in gym.registry:
+        close = difflib.get_close_matches(env_id, list(gym.registry), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"env id {name!r}: importing {module!r} registered no gymnasium env {env_id!r}{hint}")
+    return name
 
 
 def make_env(name: str, **kwargs) -> gym.Env:

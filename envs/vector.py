@@ -21,9 +21,8 @@ from typing import Any
 
 import numpy as np
 from gymnasium import spaces
-
-from envs.encoding import SpaceEncoder
-from envs.registry import make_env, resolve_env_id
+from ham_rl.envs.encoding import SpaceEncoder
+from ham_rl.envs.registry import make_env, resolve_env_id
 
 __all__ = ["VecEnv"]
 
@@ -31,7 +30,7 @@ __all__ = ["VecEnv"]
 class VecEnv:
     """``num_envs`` copies of one env, stepped in a loop.
 
-    :param env_id: alias or gymnasium id (see :func:`envs.resolve_env_id`)
+    :param env_id: alias or gymnasium id (see :func:`ham_rl.envs.resolve_env_id`)
     :param num_envs: number of envs (>= 1)
     :param seed: env i is reset with ``seed + i`` the first time; later resets continue each env's own RNG
     :param prev_action: append the one-hot previous action to the features

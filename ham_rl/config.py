@@ -5,6 +5,7 @@ The config itself lives in ``configs/`` (Hydra); PPO hyperparameters are checked
 
 from __future__ import annotations
 
+import importlib.resources
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 __all__ = [
     "CONFIG_DIR",
+    "CONFIG_PACKAGE",
     "ConfigError",
     "RESUME_MAY_CHANGE",
     "config_diff",
@@ -21,8 +23,10 @@ __all__ = [
     "validate_root",
 ]
 
-#: configs/ at the repository root (next to the ham_rl package, also in an editable install)
-CONFIG_DIR = (Path(__file__).resolve().parent.parent / "configs").resolve()
+#: Hydra's search path entry for the shipped configs (wherever the package is installed)
+CONFIG_PACKAGE = "pkg://ham_rl.configs"
+#: the folder of the shipped configs on disk (``configs/`` in a checkout or an editable install)
+CONFIG_DIR = Path(str(importlib.resources.files("ham_rl.configs"))).resolve()
 
 #: keys that may differ between a run and its resumption (they do not change what is computed)
 RESUME_MAY_CHANGE = frozenset(

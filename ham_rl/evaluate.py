@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from agents import RecurrentActorCritic
-from envs import VecEnv
+from ham_rl.agents import RecurrentActorCritic
 from ham_rl.checkpoint import CheckpointError, load_checkpoint
 from ham_rl.config import ConfigError, memory_kwargs, resolve_device
+from ham_rl.envs import VecEnv
 
 __all__ = ["evaluate_policy", "evaluate_run", "main"]
 

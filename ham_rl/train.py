@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from agents import PPO, NonFiniteLossError, PPOConfig, RecurrentActorCritic
-from envs import VecEnv, resolve_env_id
+from ham_rl.agents import PPO, NonFiniteLossError, PPOConfig, RecurrentActorCritic
 from ham_rl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ham_rl.config import ConfigError, config_diff, memory_kwargs, resolve_device, validate_root
+from ham_rl.config import CONFIG_PACKAGE, ConfigError, config_diff, memory_kwargs, resolve_device, validate_root
+from ham_rl.envs import VecEnv, resolve_env_id
 from ham_rl.runlog import MetricsCSV, summarise, write_json_atomic
 
 __all__ = ["TrainingStopped", "build", "main", "prepare_config", "train"]
@@ -258,7 +258,7 @@ def train(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+@hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="config")
 def main(cfg: DictConfig) -> None:
     """CLI entry point (Hydra): ``python -m ham_rl.train [group=option ...] [key=value ...]``."""
     if cfg.resume is None and cfg.run_dir is None:

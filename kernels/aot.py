@@ -1,6 +1,6 @@
 """Compile every HAM kernel ahead of time for NVIDIA GPUs (no GPU needed) and report shared memory.
 
-``python -m kernels.aot [--markdown]`` prints one row per (kernel, configuration, target). It must run with
+``python -m ham_rl.kernels.aot [--markdown]`` prints one row per (kernel, configuration, target). It must run with
 ``TRITON_INTERPRET`` unset (interpreted kernels cannot be compiled); tests/kernels runs it in a subprocess.
 """
 
@@ -15,9 +15,9 @@ TARGETS = ((80, "sm_80"), (90, "sm_90"))
 
 def kernel_specs():
     """``(name, jit_fn, signature, constexprs)`` for each kernel at the head dims we support."""
-    from kernels.cache_attention import parallel as ca
-    from kernels.gated_delta_rule import chunk as gdr
-    from kernels.ham_step import fused as hs
+    from ham_rl.kernels.cache_attention import parallel as ca
+    from ham_rl.kernels.gated_delta_rule import chunk as gdr
+    from ham_rl.kernels.ham_step import fused as hs
 
     specs = []
     for D in (16, 24, 32, 64):
@@ -69,7 +69,7 @@ def kernel_specs():
 def compile_all(only_dtype: str | None = None):
     """Compile every spec for sm_80 and sm_90; returns rows ``(name, target, shared_bytes, num_warps, cubin_bytes)``."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("kernels.aot needs TRITON_INTERPRET unset: interpreted kernels cannot be compiled")
+        raise RuntimeError("ham_rl.kernels.aot needs TRITON_INTERPRET unset: interpreted kernels cannot be compiled")
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

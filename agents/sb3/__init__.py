@@ -4,9 +4,9 @@
 >>> model = HAMRecurrentPPO("MlpHamPolicy", "popgym-RepeatPreviousEasy-v0", policy_kwargs=dict(memory="ham"))
 """
 
-from agents.sb3.buffers import HAMDictRolloutBuffer, HAMRolloutBuffer
-from agents.sb3.policies import HAMActorCriticCnnPolicy, HAMActorCriticPolicy, HAMMultiInputActorCriticPolicy
-from agents.sb3.ppo import CnnHamPolicy, HAMRecurrentPPO, MlpHamPolicy, MultiInputHamPolicy
+from ham_rl.agents.sb3.buffers import HAMDictRolloutBuffer, HAMRolloutBuffer
+from ham_rl.agents.sb3.policies import HAMActorCriticCnnPolicy, HAMActorCriticPolicy, HAMMultiInputActorCriticPolicy
+from ham_rl.agents.sb3.ppo import CnnHamPolicy, HAMRecurrentPPO, MlpHamPolicy, MultiInputHamPolicy
 
 __all__ = [
     "CnnHamPolicy",

@@ -3,7 +3,7 @@
 The policies subclass :class:`sb3_contrib.common.recurrent.policies.RecurrentActorCriticPolicy`, so everything
 RecurrentPPO, ``evaluate_policy`` and SB3's save/load expect of a recurrent policy is there, but the LSTM is replaced
 by ``ham_rl.make_memory(memory, ...)``. The memory state travels through SB3 as an opaque
-:class:`~ham_rl.state.MemoryState` (inside ``RNNStates(pi, vf)`` during training), never as numpy ``(h, c)`` arrays.
+:class:`~ham_rl.memory.state.MemoryState` (inside ``RNNStates(pi, vf)`` during training), never as numpy ``(h, c)`` arrays.
 
 Two forms of the memory are used:
 
@@ -32,8 +32,7 @@ from stable_baselines3.common.torch_layers import (
 from stable_baselines3.common.type_aliases import Schedule
 from torch import nn
 
-from ham_rl.memory.base import forward_group
-from ham_rl.state import MemoryState
+from ham_rl.memory import MemoryState, forward_group, make_memory
 
 __all__ = [
     "HAMActorCriticCnnPolicy",
@@ -77,11 +76,11 @@ def clone_states(states: RNNStates, compact: bool = False) -> RNNStates:
 class HAMActorCriticPolicy(RecurrentActorCriticPolicy):
     """
     Recurrent actor-critic policy whose memory is HAM, or any memory of the ham_rl family, for
-    :class:`agents.sb3.HAMRecurrentPPO`. It takes ActorCriticPolicy's arguments, and the memory arguments below in
+    :class:`ham_rl.agents.sb3.HAMRecurrentPPO`. It takes ActorCriticPolicy's arguments, and the memory arguments below in
     place of RecurrentActorCriticPolicy's LSTM ones (``lstm_hidden_size`` -> ``hidden_size``, ``lstm_kwargs`` ->
     ``memory_kwargs``, ``shared_lstm`` -> ``shared_memory``, ``enable_critic_lstm`` -> ``enable_critic_memory``).
 
-    The state that :meth:`predict` takes and returns is the actor memory's :class:`~ham_rl.state.MemoryState` for
+    The state that :meth:`predict` takes and returns is the actor memory's :class:`~ham_rl.memory.state.MemoryState` for
     the envs of the observation batch: an opaque object to pass back on the next call (``None`` starts every env
     fresh). ``predict`` never modifies the state it is given.
 
@@ -189,8 +188,6 @@ class HAMActorCriticPolicy(RecurrentActorCriticPolicy):
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **kwargs)
 
     def _make_memory(self) -> nn.Module:
-        from ham_rl import make_memory  # lazy: ham_rl may re-export this module
-
         try:
             return make_memory(self.memory, input_size=self.features_dim, hidden_size=self.hidden_size, **self.memory_kwargs)
         except ValueError as err:
@@ -380,7 +377,7 @@ class HAMActorCriticPolicy(RecurrentActorCriticPolicy):
 
         :param observation: the input observation (one env, or a batch of n_envs)
         :param state: the state returned by the previous call (an opaque
-            :class:`~ham_rl.state.MemoryState`), or None to start every env fresh. It is not modified.
+            :class:`~ham_rl.memory.state.MemoryState`), or None to start every env fresh. It is not modified.
         :param episode_start: ``[n_envs]`` bools, True where an env starts a new episode (its memory is reset)
         :param deterministic: Whether or not to return deterministic actions
         :return: the model's action and the next memory state

@@ -2,9 +2,9 @@
 
 What changes against RecurrentPPO, and why:
 
-- the policy builds ``ham_rl.make_memory(...)`` memories instead of nn.LSTMs (:mod:`agents.sb3.policies`);
+- the policy builds ``ham_rl.make_memory(...)`` memories instead of nn.LSTMs (:mod:`ham_rl.agents.sb3.policies`);
 - the rollout buffer stores each env's memory state once, at the start of the rollout, and minibatches are whole
-  env rows, so training runs one memory call per minibatch over all ``n_steps`` steps (:mod:`agents.sb3.buffers`);
+  env rows, so training runs one memory call per minibatch over all ``n_steps`` steps (:mod:`ham_rl.agents.sb3.buffers`);
 - ``collect_rollouts`` keeps a copy of the state the rollout starts from (the memories' step form writes into its
   state in place) and indexes the state per env on time-limit truncation;
 - after each update, ``end_update()`` of every memory applies HAM's threshold feedback; its stats are logged as
@@ -21,6 +21,14 @@ from typing import ClassVar, TypeVar
 import numpy as np
 import torch as th
 from gymnasium import spaces
+from ham_rl.agents.sb3.buffers import HAMDictRolloutBuffer, HAMRolloutBuffer, envs_per_minibatch
+from ham_rl.agents.sb3.policies import (
+    LSTM_ARGUMENTS,
+    HAMActorCriticCnnPolicy,
+    HAMActorCriticPolicy,
+    HAMMultiInputActorCriticPolicy,
+    clone_states,
+)
 from sb3_contrib import RecurrentPPO
 from sb3_contrib.common.recurrent.type_aliases import RNNStates
 from stable_baselines3.common.buffers import RolloutBuffer
@@ -30,15 +38,7 @@ from stable_baselines3.common.type_aliases import MaybeCallback
 from stable_baselines3.common.utils import FloatSchedule, obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 
-from agents.sb3.buffers import HAMDictRolloutBuffer, HAMRolloutBuffer, envs_per_minibatch
-from agents.sb3.policies import (
-    LSTM_ARGUMENTS,
-    HAMActorCriticCnnPolicy,
-    HAMActorCriticPolicy,
-    HAMMultiInputActorCriticPolicy,
-    clone_states,
-)
-from ham_rl.state import MemoryState
+from ham_rl.memory.state import MemoryState
 
 __all__ = ["CnnHamPolicy", "HAMRecurrentPPO", "MlpHamPolicy", "MultiInputHamPolicy"]
 

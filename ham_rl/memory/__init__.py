@@ -4,6 +4,7 @@ from ham_rl.memory.base import Memory, forward_group
 from ham_rl.memory.baselines import GRUMemory, LSTMMemory, MLPMemory
 from ham_rl.memory.hybrid import ROUTERS, HybridMemory
 from ham_rl.memory.registry import MEMORIES, make_memory, memory_options
+from ham_rl.memory.state import KVCache, MemoryState
 
 __all__ = [
     "Memory",
@@ -16,4 +17,6 @@ __all__ = [
     "ROUTERS",
     "make_memory",
     "memory_options",
+    "KVCache",
+    "MemoryState",
 ]

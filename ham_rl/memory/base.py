@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ham_rl.state import MemoryState
+from ham_rl.memory.state import MemoryState
 
 __all__ = ["Memory", "TimeEmbedding", "episode_steps", "forward_group"]
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ham_rl.memory.base import Memory
-from ham_rl.state import MemoryState
+from ham_rl.memory.state import MemoryState
 
 __all__ = ["GRUMemory", "LSTMMemory", "MLPMemory"]
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ham_rl.memory.base import episode_steps
 from ham_rl.memory.short_conv import fold_weight, lagged_inputs
-from ham_rl.state import MemoryState
+from ham_rl.memory.state import MemoryState
 
 __all__ = ["groupable", "forward_hybrid_group"]
 

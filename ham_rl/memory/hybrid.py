@@ -19,15 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ham_rl.kernels.cache_attention import cache_attention
+from ham_rl.kernels.gated_delta_rule import gated_delta_rule
+from ham_rl.kernels.ham_step import ham_step, plan_cache, seen_candidates, surprise_score
 from ham_rl.memory.base import Memory
-from ham_rl.memory.cache_plan import plan_cache, seen_candidates
 from ham_rl.memory.grouped import forward_hybrid_group, groupable
 from ham_rl.memory.l2norm import l2norm
 from ham_rl.memory.short_conv import FOLD_MAX_INPUTS, ShortConv, folded_short_conv
-from ham_rl.state import KVCache, MemoryState
-from kernels.cache_attention import cache_attention
-from kernels.gated_delta_rule import gated_delta_rule
-from kernels.ham_step import ham_step, surprise_score
+from ham_rl.memory.state import KVCache, MemoryState
 
 __all__ = ["HybridMemory", "ROUTERS"]
 
@@ -263,7 +262,10 @@ class HybridMemory(Memory):
                     score = surprise_score(v_hat, p["v"])  # [B, T]
         if self.use_attention:
             routed = score.detach() >= tau
-            plan = plan_cache(cache, starts, steps, score.detach(), routed, self.capacity, fifo=self.router == "all")
+            plan = plan_cache(
+                cache.scores, cache.times, cache.length, starts, steps, score.detach(), routed, self.capacity,
+                fifo=self.router == "all",
+            )  # fmt: skip
             values = p["v"]
             if self.router == "learned":
                 # Straight-through: 1 in the forward pass, d/dr = 1/r so the router learns from attention's use

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
+from ham_rl.kernels.backend import resolve_backend
+from ham_rl.kernels.cache_attention.reference import masked_cache_attention
+from ham_rl.kernels.cache_attention.sdpa import sdpa_cache_attention
 from torch import Tensor
-
-from kernels.cache_attention.reference import masked_cache_attention
-from kernels.cache_attention.sdpa import sdpa_cache_attention
-from kernels.triton_utils import resolve_backend
 
 __all__ = ["cache_attention", "masked_cache_attention", "sdpa_cache_attention"]
 
@@ -28,7 +27,7 @@ def cache_attention(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor, sc
     """
     scale_grad = isinstance(scale, Tensor) and scale.requires_grad and torch.is_grad_enabled()
     if not scale_grad and resolve_backend(q) == "triton":
-        from kernels.cache_attention.parallel import parallel_cache_attention
+        from ham_rl.kernels.cache_attention.parallel import parallel_cache_attention
 
         return parallel_cache_attention(q, keys, values, visible, scale)
     return sdpa_cache_attention(q, keys, values, visible, scale)

@@ -8,9 +8,8 @@ followed by the segment's own tokens; ``visible[b, t, s]`` says whether entry s 
 from __future__ import annotations
 
 import torch
+from ham_rl.kernels.gated_delta_rule.reference import accumulation_dtype
 from torch import Tensor
-
-from kernels.gated_delta_rule.reference import accumulation_dtype
 
 __all__ = ["masked_cache_attention", "masked_softmax"]
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from ham_rl.kernels.gated_delta_rule.reference import accumulation_dtype
 from torch import Tensor
-
-from kernels.gated_delta_rule.reference import accumulation_dtype
 
 __all__ = ["sdpa_cache_attention"]
 

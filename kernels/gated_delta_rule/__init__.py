@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+from ham_rl.kernels.backend import resolve_backend
+from ham_rl.kernels.gated_delta_rule.naive_chunk import DEFAULT_CPU_CHUNK_SIZE, naive_chunk_gated_delta_rule
+from ham_rl.kernels.gated_delta_rule.reference import naive_recurrent_gated_delta_rule
+from ham_rl.kernels.gated_delta_rule.torch_chunk import torch_chunk_gated_delta_rule
 from torch import Tensor
-
-from kernels.gated_delta_rule.naive_chunk import DEFAULT_CPU_CHUNK_SIZE, naive_chunk_gated_delta_rule
-from kernels.gated_delta_rule.reference import naive_recurrent_gated_delta_rule
-from kernels.gated_delta_rule.torch_chunk import torch_chunk_gated_delta_rule
-from kernels.triton_utils import resolve_backend
 
 __all__ = [
     "gated_delta_rule",
@@ -42,7 +41,7 @@ def gated_delta_rule(
         ``(o [B, T, H, V], v_hat [B, T, H, V], final_state [B, H, K, V])``.
     """
     if resolve_backend(q) == "triton":
-        from kernels.gated_delta_rule.chunk import chunk_gated_delta_rule
+        from ham_rl.kernels.gated_delta_rule.chunk import chunk_gated_delta_rule
 
         return chunk_gated_delta_rule(q, k, v, beta, g, starts, initial_state, scale)
     return torch_chunk_gated_delta_rule(q, k, v, beta, g, starts, initial_state, scale, DEFAULT_CPU_CHUNK_SIZE)

@@ -14,9 +14,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from ham_rl.kernels.triton_utils import next_power_of_2
 from torch import Tensor
-
-from kernels.triton_utils import next_power_of_2
 
 __all__ = [
     "chunk_gated_delta_rule",

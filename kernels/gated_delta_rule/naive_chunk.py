@@ -23,9 +23,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from ham_rl.kernels.gated_delta_rule.reference import accumulation_dtype
 from torch import Tensor
-
-from kernels.gated_delta_rule.reference import accumulation_dtype
 
 __all__ = ["naive_chunk_gated_delta_rule", "chunked_forward", "ChunkedForward", "DEFAULT_CPU_CHUNK_SIZE"]
 

@@ -13,10 +13,9 @@ Tests compare both forms, values and every gradient, with the recurrent referenc
 from __future__ import annotations
 
 import torch
+from ham_rl.kernels.gated_delta_rule.naive_chunk import DEFAULT_CPU_CHUNK_SIZE, chunked_forward, chunks, unchunk
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-
-from kernels.gated_delta_rule.naive_chunk import DEFAULT_CPU_CHUNK_SIZE, chunked_forward, chunks, unchunk
 
 __all__ = ["torch_chunk_gated_delta_rule", "TorchChunkGatedDeltaRuleFunction"]
 

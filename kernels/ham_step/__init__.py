@@ -1,15 +1,24 @@
-"""The fused HAM rollout step for B envs: ``ham_step`` dispatches to Triton or the reference."""
+"""The HAM cache rule: the fused rollout step for B envs (``ham_step`` dispatches to Triton or the reference), the
+slot rule it applies (``choose_slot``) and that rule's replay over a segment for the sequence form (``plan_cache``)."""
 
 from __future__ import annotations
 
 import torch
+from ham_rl.kernels.backend import resolve_backend
+from ham_rl.kernels.ham_step.cache_plan import CachePlan, plan_cache, seen_candidates
+from ham_rl.kernels.ham_step.reference import choose_slot, surprise_score
+from ham_rl.kernels.ham_step.reference import ham_step as reference_ham_step
 from torch import Tensor
 
-from kernels.ham_step.reference import choose_slot, surprise_score
-from kernels.ham_step.reference import ham_step as reference_ham_step
-from kernels.triton_utils import resolve_backend
-
-__all__ = ["ham_step", "reference_ham_step", "choose_slot", "surprise_score"]
+__all__ = [
+    "CachePlan",
+    "choose_slot",
+    "ham_step",
+    "plan_cache",
+    "reference_ham_step",
+    "seen_candidates",
+    "surprise_score",
+]
 
 
 def ham_step(
@@ -45,7 +54,7 @@ def ham_step(
         isinstance(t, Tensor) and t.requires_grad for t in (*args, router_score, scale)
     )
     if not wants_grad and resolve_backend(q) == "triton":
-        from kernels.ham_step.fused import fused_ham_step
+        from ham_rl.kernels.ham_step.fused import fused_ham_step
 
         fn = fused_ham_step
     else:

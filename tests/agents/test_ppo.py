@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 from gymnasium import spaces
+from ham_rl.agents import PPO, ActionHead, PPOConfig, RecurrentActorCritic
+from ham_rl.envs import VecEnv
 
-from agents import PPO, ActionHead, PPOConfig, RecurrentActorCritic
-from envs import VecEnv
 from ham_rl import MEMORIES
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -13,8 +13,8 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.envs import FakeImageEnv
 from stable_baselines3.common.evaluation import evaluate_policy
 
+from ham_rl.memory.state import MemoryState
 from ham_rl.sb3 import HAMRecurrentPPO
-from ham_rl.state import MemoryState
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*render_mode")
 

@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 from gymnasium import spaces
-
-from envs import ENV_ALIASES, SpaceEncoder, VecEnv, resolve_env_id
+from ham_rl.envs import ENV_ALIASES, SpaceEncoder, VecEnv, resolve_env_id
 
 
 def test_aliases_and_ids_resolve():

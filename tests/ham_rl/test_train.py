@@ -138,7 +138,7 @@ def test_resume_errors_overwrite_nothing(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    from agents.policy import RecurrentActorCritic
+    from ham_rl.agents.policy import RecurrentActorCritic
 
     run = tmp_path / "run"
     real = RecurrentActorCritic.evaluate_actions
@@ -194,7 +194,7 @@ def test_cli_multirun_one_dir_per_job(tmp_path):
 
 
 def test_ctrl_c_keeps_the_last_checkpoint_and_resume_finishes_the_run(tmp_path, monkeypatch):
-    from agents.ppo import PPO
+    from ham_rl.agents.ppo import PPO
 
     run = tmp_path / "run"
     real = PPO.iterate

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kernels.triton_utils import interpreter_active, triton_available
+from ham_rl.kernels.backend import interpreter_active, triton_available
 
 needs_interpreter = pytest.mark.skipif(
     not (triton_available() and interpreter_active()),

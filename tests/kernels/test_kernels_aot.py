@@ -1,8 +1,8 @@
 """Every Triton kernel compiles ahead of time for sm_80 and sm_90 (a cubin is produced); shared memory is recorded.
 
-Runs ``kernels.aot`` in a subprocess with ``TRITON_INTERPRET`` unset (this session's triton is in interpreter
+Runs ``ham_rl.kernels.aot`` in a subprocess with ``TRITON_INTERPRET`` unset (this session's triton is in interpreter
 mode). One representative configuration per kernel (head dim 24, padded to 32; bfloat16 inputs) keeps it
-under a minute and a half on 2 cores; ``python -m kernels.aot --markdown`` compiles the full table in
+under a minute and a half on 2 cores; ``python -m ham_rl.kernels.aot --markdown`` compiles the full table in
 docs/kernels.md (head dims 16, 24, 32, 64; float32 and bfloat16).
 """
 
@@ -15,8 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from kernels.triton_utils import triton_available
+from ham_rl.kernels.backend import triton_available
 
 ROOT = Path(__file__).resolve().parents[2]
 KERNELS = (
@@ -34,7 +33,7 @@ KERNELS = (
 def test_every_kernel_compiles_for_sm80_and_sm90():
     script = textwrap.dedent(
         """
-        import kernels.aot as aot
+        import ham_rl.kernels.aot as aot
         specs = [s for s in aot.kernel_specs() if s[0].endswith("D24 bf16")]
         aot.kernel_specs = lambda: specs
         for name, target, shared, warps, cubin in aot.compile_all():

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ham_rl.kernels.cache_attention import cache_attention
+from ham_rl.kernels.cache_attention.reference import masked_cache_attention
 from kernel_testing import assert_close, needs_interpreter
-
-from kernels.cache_attention import cache_attention
-from kernels.cache_attention.reference import masked_cache_attention
 
 pytestmark = needs_interpreter
 
@@ -35,7 +34,7 @@ CASES = [
 
 @pytest.mark.parametrize("B, T, S0, H, K, V, dtype, block", CASES)
 def test_triton_cache_attention_matches_reference(B, T, S0, H, K, V, dtype, block):
-    from kernels.cache_attention.parallel import parallel_cache_attention, tile_map
+    from ham_rl.kernels.cache_attention.parallel import parallel_cache_attention, tile_map
 
     gen = torch.Generator().manual_seed(0)
     S = S0 + T
@@ -59,7 +58,7 @@ def test_triton_cache_attention_matches_reference(B, T, S0, H, K, V, dtype, bloc
 
 
 def test_dispatcher_runs_triton_when_forced(monkeypatch):
-    import kernels.cache_attention.parallel as parallel
+    import ham_rl.kernels.cache_attention.parallel as parallel
 
     calls = []
     original = parallel.ParallelCacheAttentionFunction.apply

@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from ham_rl.kernels.gated_delta_rule import gated_delta_rule
+from ham_rl.kernels.gated_delta_rule.naive_chunk import naive_chunk_gated_delta_rule
+from ham_rl.kernels.gated_delta_rule.reference import naive_recurrent_gated_delta_rule
+from ham_rl.kernels.gated_delta_rule.torch_chunk import torch_chunk_gated_delta_rule
 from kernel_testing import assert_close, needs_interpreter
-
-from kernels.gated_delta_rule import gated_delta_rule
-from kernels.gated_delta_rule.naive_chunk import naive_chunk_gated_delta_rule
-from kernels.gated_delta_rule.reference import naive_recurrent_gated_delta_rule
-from kernels.gated_delta_rule.torch_chunk import torch_chunk_gated_delta_rule
 
 #: the two chunked PyTorch forms: autograd through torch ops, and the hand-written backward (the CPU path)
 CHUNKED = {"naive_chunk": naive_chunk_gated_delta_rule, "torch_chunk": torch_chunk_gated_delta_rule}
@@ -114,7 +113,7 @@ TRITON_CASES = [
 @needs_interpreter
 @pytest.mark.parametrize("B, T, H, K, V, dtype, starts_mode, with_h0, chunk_size", TRITON_CASES)
 def test_triton_chunk_matches_recurrent(B, T, H, K, V, dtype, starts_mode, with_h0, chunk_size):
-    from kernels.gated_delta_rule.chunk import chunk_gated_delta_rule
+    from ham_rl.kernels.gated_delta_rule.chunk import chunk_gated_delta_rule
 
     xs, starts, h0 = _inputs(B, T, H, K, V, dtype, starts_mode, with_h0)
     ref = _run(naive_recurrent_gated_delta_rule, xs, starts, h0, 0.7)
@@ -126,7 +125,7 @@ def test_triton_chunk_matches_recurrent(B, T, H, K, V, dtype, starts_mode, with_
 
 @needs_interpreter
 def test_dispatcher_runs_triton_when_forced(monkeypatch):
-    import kernels.gated_delta_rule.chunk as chunk_module
+    import ham_rl.kernels.gated_delta_rule.chunk as chunk_module
 
     calls = []
     original = chunk_module.ChunkGatedDeltaRuleFunction.apply

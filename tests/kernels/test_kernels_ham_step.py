@@ -1,13 +1,12 @@
-"""The fused Triton rollout step against ``kernels.ham_step.reference.ham_step`` under the interpreter."""
+"""The fused Triton rollout step against ``ham_rl.kernels.ham_step.reference.ham_step`` under the interpreter."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from ham_rl.kernels.ham_step.reference import ham_step as reference_ham_step
 from kernel_testing import assert_close, needs_interpreter
-
-from kernels.ham_step.reference import ham_step as reference_ham_step
 
 pytestmark = needs_interpreter
 
@@ -33,7 +32,7 @@ def _inputs(B, H, K, V, dtype, gen):
 
 @pytest.mark.parametrize("B, H, K, V, capacity, steps, dtype, mode", CASES)
 def test_fused_step_matches_reference(B, H, K, V, capacity, steps, dtype, mode):
-    from kernels.ham_step.fused import fused_ham_step
+    from ham_rl.kernels.ham_step.fused import fused_ham_step
 
     gen = torch.Generator().manual_seed(0)
     L = (capacity + 1) if capacity else steps + 2
@@ -92,7 +91,7 @@ def test_fused_step_matches_reference(B, H, K, V, capacity, steps, dtype, mode):
 
 @pytest.mark.parametrize("capacity", [0, 2], ids=["unbounded", "cap2"])
 def test_dispatcher_runs_triton_on_cpu_when_forced(monkeypatch, capacity):
-    import kernels.ham_step as ops
+    import ham_rl.kernels.ham_step as ops
 
     gen = torch.Generator().manual_seed(1)
     B, H, D, L = 2, 2, 16, 3

@@ -1,9 +1,12 @@
 """Which cache entries each token of a segment sees, and what the cache holds at the end (sequence form).
 
+The sequence-form replay of the step form's cache-slot rule (``reference.choose_slot``), beside it in the kernels
+layer: pure tensor work on the carried cache's per-slot ``scores``/``times`` and ``length``, no state objects.
+
 The candidates of env b are its carried-in cache slots ``[0, L0)`` followed by the segment's T tokens
 (candidate ``L0 + t`` is token t). Routing decisions carry no gradient, so the plan is computed once, without
 autograd, and the attention then reads all candidates under the ``visible`` mask. Without a capacity the plan
-has a closed form; with one, the append/evict rule of the step form (``kernels.ham_step.choose_slot``) is
+has a closed form; with one, the append/evict rule of the step form (``ham_rl.kernels.ham_step.choose_slot``) is
 replayed over time on integer slot maps, so both forms keep identical slots.
 """
 
@@ -12,10 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from ham_rl.kernels.ham_step.reference import choose_slot
 from torch import Tensor
-
-from ham_rl.state import KVCache
-from kernels.ham_step import choose_slot
 
 __all__ = ["CachePlan", "plan_cache", "seen_candidates"]
 
@@ -36,30 +37,42 @@ class CachePlan:
 
 @torch.no_grad()
 def plan_cache(
-    cache: KVCache, starts: Tensor, steps: Tensor, score: Tensor, routed: Tensor, capacity: int, fifo: bool = False
+    scores: Tensor,
+    times: Tensor,
+    length: Tensor,
+    starts: Tensor,
+    steps: Tensor,
+    score: Tensor,
+    routed: Tensor,
+    capacity: int,
+    fifo: bool = False,
 ) -> CachePlan:
-    """Replay routing for a segment; ``starts``, ``steps``, ``score``, ``routed`` are ``[B, T]``; capacity 0 = unbounded.
+    """Replay routing for a segment; capacity 0 = unbounded.
+
+    ``scores``, ``times`` ``[B, L0]`` and ``length`` ``[B]`` describe the carried-in cache (slots past an env's length
+    are ignored); ``starts``, ``steps``, ``score``, ``routed`` are ``[B, T]``.
 
     ``fifo=True`` promises that every token is routed with the same score (window memories), so a full cache always
     evicts its oldest entry and the plan has a closed form.
     """
     if capacity > 0 and fifo:
-        return _plan_fifo(cache, starts, steps, capacity)
+        return _plan_fifo(times, length, starts, steps, capacity)
     if capacity > 0:
-        return _plan_with_capacity(cache, starts, steps, score, routed, capacity)
-    see_carried, see_segment = _episode_visibility(cache, starts)
+        return _plan_with_capacity(scores, times, length, starts, steps, score, routed, capacity)
+    see_carried, see_segment = _episode_visibility(length, times.shape[1], starts)
     visible = torch.cat([see_carried, see_segment & routed[:, None, :]], 2)
     # The final cache is what the last token sees, kept in candidate order (carried slots, then time order).
     order, length = _chosen_first(visible[:, -1])
     return CachePlan(visible=visible, final_source=order, final_length=length)
 
 
-def _episode_visibility(cache: KVCache, starts: Tensor) -> tuple[Tensor, Tensor]:
+def _episode_visibility(length: Tensor, slots: int, starts: Tensor) -> tuple[Tensor, Tensor]:
     """Which candidates lie in each token's episode, at or before it: ``([B, T, L0] carried, [B, T, T] segment)``."""
     T = starts.shape[1]
     episode = starts.long().cumsum(1)  # [B, T]; 0 = the episode carried in from before the segment
     t_idx = torch.arange(T, device=starts.device)
-    see_carried = (episode == 0)[:, :, None] & cache.valid_mask()[:, None, :]
+    valid = torch.arange(slots, device=starts.device) < length[:, None]  # [B, L0]
+    see_carried = (episode == 0)[:, :, None] & valid[:, None, :]
     causal = (t_idx[None, :] <= t_idx[:, None])[None]  # [1, T(query), T(key)]
     return see_carried, causal & (episode[:, None, :] == episode[:, :, None])
 
@@ -71,38 +84,38 @@ def _chosen_first(chosen: Tensor) -> tuple[Tensor, Tensor]:
     return order[:, : max(int(count.max()), 1)], count
 
 
-def _plan_fifo(cache: KVCache, starts: Tensor, steps: Tensor, window: int) -> CachePlan:
+def _plan_fifo(times: Tensor, length: Tensor, starts: Tensor, steps: Tensor, window: int) -> CachePlan:
     """Every token cached, the oldest evicted: the entry of episode step n sits in slot n mod window."""
     recent = steps[:, :, None] - window  # [B, T, 1]: a token sees entries written after this step
-    see_carried, see_segment = _episode_visibility(cache, starts)
-    see_carried = see_carried & (cache.times[:, None, :] > recent)
+    see_carried, see_segment = _episode_visibility(length, times.shape[1], starts)
+    see_carried = see_carried & (times[:, None, :] > recent)
     visible = torch.cat([see_carried, see_segment & (steps[:, None, :] > recent)], 2)  # [B, T, L0 + T]
     in_final = visible[:, -1]
-    length = in_final.sum(1)
-    width = max(int(length.max()), 1)
-    candidate_steps = torch.cat([cache.times, steps], 1)  # [B, L0 + T]
+    final_length = in_final.sum(1)
+    width = max(int(final_length.max()), 1)
+    candidate_steps = torch.cat([times, steps], 1)  # [B, L0 + T]
     slot = torch.where(in_final, candidate_steps % window, window)  # candidates not kept go to a dump column
     final_source = torch.zeros(starts.shape[0], window + 1, dtype=torch.long, device=starts.device)
     final_source.scatter_(1, slot, torch.arange(slot.shape[1], device=starts.device).expand_as(slot))
-    return CachePlan(visible=visible, final_source=final_source[:, :width], final_length=length)
+    return CachePlan(visible=visible, final_source=final_source[:, :width], final_length=final_length)
 
 
 def _plan_with_capacity(
-    cache: KVCache, starts: Tensor, steps: Tensor, score: Tensor, routed: Tensor, capacity: int
+    scores: Tensor, times: Tensor, length: Tensor, starts: Tensor, steps: Tensor, score: Tensor, routed: Tensor, capacity: int
 ) -> CachePlan:
     B, T = starts.shape
-    L0, device = cache.slots, starts.device
+    L0, device = times.shape[1], starts.device
     n_cand = L0 + T
     width = capacity + 1  # slot `capacity` is the scratch slot that choose_slot sends non-writers to
     carried = min(L0, width)
     # Integer slot maps: which candidate each slot holds, with its score and time (n_cand = nothing).
     slot_source = torch.full((B, width), n_cand, dtype=torch.long, device=device)
     slot_source[:, :carried] = torch.arange(carried, device=device)
-    slot_score = torch.zeros(B, width, dtype=cache.scores.dtype, device=device)
-    slot_score[:, :carried] = cache.scores[:, :carried]
+    slot_score = torch.zeros(B, width, dtype=scores.dtype, device=device)
+    slot_score[:, :carried] = scores[:, :carried]
     slot_time = torch.zeros(B, width, dtype=torch.long, device=device)
-    slot_time[:, :carried] = cache.times[:, :carried]
-    length = cache.length.clone()
+    slot_time[:, :carried] = times[:, :carried]
+    length = length.clone()
     rows = torch.arange(B, device=device)
     slot_idx = torch.arange(width, device=device)
     visible = torch.zeros(B, T, n_cand + 1, dtype=torch.bool, device=device)  # last column swallows "nothing"
