@@ -142,14 +142,15 @@ class RecurrentActorCritic(nn.Module):
         """One env step for all envs at once (one batched memory call).
 
         :param x: ``[B, feature_dim]`` features; start: ``[B]`` bool
-        :return: action ``[B, *action_shape]``, log-prob ``[B]``, value ``[B]``, new state (updated in place)
+        :return: action ``[B, *action_shape]``, log-prob ``[B]``, value ``[B]``, the new state; ``state``'s cache is
+            updated in place (a rollout replaces its state at once), so keep ``state.clone()`` to hold on to it
         """
-        y, state = self.memory.step(self.encoder(x), state, start)
+        y, state = self.memory.step(self.encoder(x), state, start, inplace=True)
         action, logp = self.action_head.sample(self.actor(y), self.log_std, deterministic)
         return action, logp, self.critic(y).squeeze(-1), state
 
     def value(self, x: Tensor, state: MemoryState, start: Tensor) -> Tensor:
-        """Value ``[B]`` of one step; steps the memory on ``state`` (pass a clone to keep yours)."""
+        """Value ``[B]`` of one step from ``state`` (left as it was), e.g. to bootstrap a cut-off episode."""
         y, _ = self.memory.step(self.encoder(x), state, start)
         return self.critic(y).squeeze(-1)
 

@@ -157,7 +157,8 @@ class PPO:
     def collect_rollout(self) -> dict:
         """Step all envs ``num_steps`` times; returns rollout stats (kv_len_mean, episodes finished)."""
         agent, venv, head, dev = self.agent, self.venv, self.agent.action_head, self.device
-        # memory state of every env at rollout start: the update replays each env row from it
+        # memory state of every env at rollout start: the update replays each env row from it (a copy, as the rollout
+        # steps the memory in place)
         self.state0 = self.state.compact().clone()
         with torch.no_grad():
             for t in range(self.cfg.num_steps):
@@ -177,9 +178,9 @@ class PPO:
                 for _, ret, length in finished:
                     self.ep_returns.append(ret)
                     self.ep_lengths.append(length)
-            # bootstrap value of the observation after the rollout (on a copy: step updates caches in place)
+            # bootstrap value of the observation after the rollout
             self.next_value = agent.value(
-                torch.from_numpy(self.next_obs).to(dev), self.state.clone(), torch.from_numpy(self.next_start).to(dev)
+                torch.from_numpy(self.next_obs).to(dev), self.state, torch.from_numpy(self.next_start).to(dev)
             )
         self.global_step += self.cfg.batch_size
         dones_t = torch.from_numpy(self.dones).to(dev)
@@ -192,12 +193,12 @@ class PPO:
         """``gamma * V(last observation)`` for the envs a time limit cut off (0 elsewhere), as SB3 does.
 
         A truncated episode did not end in a terminal state, so its return continues beyond the cut; the value of
-        the last observation, read from the env's memory state (stepped on a copy), stands in for it.
+        the last observation, read from the env's memory state, stands in for it.
         """
         cut = np.flatnonzero(self.venv.truncated)
         x = torch.from_numpy(self.venv.final_features[cut]).to(self.device)
         no_start = torch.zeros(len(cut), dtype=torch.bool, device=self.device)
-        value = self.agent.value(x, self.state[torch.from_numpy(cut).to(self.device)].clone(), no_start)
+        value = self.agent.value(x, self.state[torch.from_numpy(cut).to(self.device)], no_start)
         bonus = np.zeros(self.cfg.num_envs, dtype=np.float32)
         bonus[cut] = self.cfg.gamma * value.cpu().numpy()
         return bonus

@@ -36,7 +36,7 @@ def step_timer(name: str, envs: int = 64, warm: int = 64, calls: int = 20):
         with torch.no_grad():
             t0 = time.perf_counter()
             for i in range(calls):
-                _, s = mem.step(xs[i], s, no_start)
+                _, s = mem.step(xs[i], s, no_start, inplace=True)  # as the rollout loops step
             return (time.perf_counter() - t0) / calls
 
     return run

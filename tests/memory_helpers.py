@@ -13,12 +13,12 @@ def random_starts(B: int, T: int, p: float = 0.15, generator: torch.Generator | 
 
 
 def run_steps(mem, x: torch.Tensor, state: MemoryState, starts: torch.Tensor) -> tuple[torch.Tensor, MemoryState]:
-    """The step form applied T times, without grad as in rollouts; works on a clone (steps write the cache in place)."""
+    """The step form applied T times, without grad and in place as in rollouts; ``state`` is left as it was."""
     state = state.clone()
     ys = []
     with torch.no_grad():
         for t in range(x.shape[1]):
-            y, state = mem.step(x[:, t], state, starts[:, t])
+            y, state = mem.step(x[:, t], state, starts[:, t], inplace=True)
             ys.append(y)
     return torch.stack(ys, 1), state
 

@@ -223,6 +223,7 @@ class HAMActorCriticPolicy(RecurrentActorCriticPolicy):
         state: MemoryState,
         episode_starts: th.Tensor,
         memory: nn.Module,
+        inplace: bool = False,
     ) -> tuple[th.Tensor, MemoryState]:
         """
         Run the memory over env-major features.
@@ -231,13 +232,14 @@ class HAMActorCriticPolicy(RecurrentActorCriticPolicy):
         :param state: the memory state of the B envs before the first of the T steps
         :param episode_starts: ``[B * T]`` float or bool, 1 where a step begins a new episode
         :param memory: the actor's or the critic's memory
+        :param inplace: let the step form write into ``state``'s cache (rollouts, which replace the state at once)
         :return: the memory output ``[B * T, hidden_size]`` and the state after the last step
         """
         n_rows = state.batch_size
         x = features.reshape(n_rows, -1, memory.input_size)  # [B * T, F] -> [B, T, F]
         starts = episode_starts.reshape(n_rows, -1).bool()  # [B, T]
         if x.shape[1] == 1:
-            y, state = memory.step(x[:, 0], state, starts[:, 0])
+            y, state = memory.step(x[:, 0], state, starts[:, 0], inplace=inplace)
             return y, state
         y, state = memory(x, state, starts)  # one call over the whole rows
         return y.reshape(-1, memory.hidden_size), state
@@ -252,14 +254,19 @@ class HAMActorCriticPolicy(RecurrentActorCriticPolicy):
         return y_pi.reshape(-1, self.hidden_size), y_vf.reshape(-1, self.hidden_size)
 
     def _latent_vf(
-        self, vf_features: th.Tensor, state: MemoryState | None, episode_starts: th.Tensor, latent_pi: th.Tensor | None
+        self,
+        vf_features: th.Tensor,
+        state: MemoryState | None,
+        episode_starts: th.Tensor,
+        latent_pi: th.Tensor | None,
+        inplace: bool = False,
     ) -> tuple[th.Tensor, MemoryState | None]:
         """The critic's memory output (own memory, detached actor output, or feed-forward)."""
         if self.memory_critic is not None:
-            return self._process_sequence(vf_features, state, episode_starts, self.memory_critic)
+            return self._process_sequence(vf_features, state, episode_starts, self.memory_critic, inplace)
         if self.shared_memory:
             if latent_pi is None:  # predict_values: run the actor memory
-                latent_pi, state = self._process_sequence(vf_features, state, episode_starts, self.memory_actor)
+                latent_pi, state = self._process_sequence(vf_features, state, episode_starts, self.memory_actor, inplace)
             return latent_pi.detach(), state
         return self.critic(vf_features), None
 
@@ -275,15 +282,16 @@ class HAMActorCriticPolicy(RecurrentActorCriticPolicy):
         Forward pass in all the networks (actor and critic).
 
         :param obs: Observation
-        :param lstm_states: ``RNNStates(pi, vf)`` of memory states (the step form updates them in place)
+        :param lstm_states: ``RNNStates(pi, vf)`` of memory states; the rollout's, so the step form writes into their
+            caches (store ``clone_states(lstm_states)`` to keep them)
         :param episode_starts: Whether the observations start new episodes (the memory resets those envs)
         :param deterministic: Whether to sample or use deterministic actions
         :return: action, value, log probability of the action and the new memory states
         """
         features = self.extract_features(obs)
         pi_features, vf_features = (features, features) if self.share_features_extractor else features
-        latent_pi, state_pi = self._process_sequence(pi_features, lstm_states.pi, episode_starts, self.memory_actor)
-        latent_vf, state_vf = self._latent_vf(vf_features, lstm_states.vf, episode_starts, latent_pi)
+        latent_pi, state_pi = self._process_sequence(pi_features, lstm_states.pi, episode_starts, self.memory_actor, True)
+        latent_vf, state_vf = self._latent_vf(vf_features, lstm_states.vf, episode_starts, latent_pi, inplace=True)
         if self.shared_memory:
             state_vf = state_pi
         latent_pi = self.mlp_extractor.forward_actor(latent_pi)
@@ -302,12 +310,12 @@ class HAMActorCriticPolicy(RecurrentActorCriticPolicy):
         The policy distribution given the observations.
 
         :param obs: Observation
-        :param lstm_states: the actor memory's state
+        :param lstm_states: the actor memory's state; the rollout's, so the step form writes into its cache
         :param episode_starts: Whether the observations start new episodes
         :return: the action distribution and the new actor memory state
         """
         features = super(ActorCriticPolicy, self).extract_features(obs, self.pi_features_extractor)
-        latent_pi, state = self._process_sequence(features, lstm_states, episode_starts, self.memory_actor)
+        latent_pi, state = self._process_sequence(features, lstm_states, episode_starts, self.memory_actor, inplace=True)
         latent_pi = self.mlp_extractor.forward_actor(latent_pi)
         return self._get_action_dist_from_latent(latent_pi), state
 
@@ -319,7 +327,7 @@ class HAMActorCriticPolicy(RecurrentActorCriticPolicy):
 
         :param obs: Observation
         :param lstm_states: the critic memory's state (the actor's for a shared memory; ignored for a
-            feed-forward critic). The step form writes into it: pass a clone to keep the original.
+            feed-forward critic); left as it was.
         :param episode_starts: Whether the observations start new episodes
         :return: the estimated values
         """
@@ -399,7 +407,7 @@ class HAMActorCriticPolicy(RecurrentActorCriticPolicy):
         elif state.batch_size != n_envs:
             raise ValueError(f"`state` holds {state.batch_size} envs but the observation has {n_envs}")
         else:
-            state = state.to(self.device).clone()  # the step form writes in place; leave the caller's state alone
+            state = state.to(self.device)
 
         if episode_start is None:
             episode_start = np.zeros(n_envs, dtype=bool)

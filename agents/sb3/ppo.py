@@ -251,9 +251,9 @@ class HAMRecurrentPPO(RecurrentPPO):
                         continue
                     terminal_obs = self.policy.obs_to_tensor(infos[idx]["terminal_observation"])[0]
                     with th.inference_mode():
-                        # env idx's critic state after the last step; a clone, as the step form writes in place
+                        # env idx's critic state after the last step (predict_values leaves it as it was)
                         vf = lstm_states.vf
-                        terminal_state = None if vf is None else vf[idx].clone()
+                        terminal_state = None if vf is None else vf[idx]
                         episode_starts = th.zeros(1, dtype=th.float32, device=self.device)
                         terminal_value = self.policy.predict_values(terminal_obs, terminal_state, episode_starts)[0]
                     rewards[idx] += self.gamma * terminal_value
@@ -278,10 +278,9 @@ class HAMRecurrentPPO(RecurrentPPO):
             lstm_states = self._last_lstm_states = RNNStates(lstm_states.pi, vf)
 
         with th.inference_mode():
-            # Compute value for the last timestep (on a copy of the critic state, which the step would modify)
+            # Compute value for the last timestep (predict_values leaves the critic state as it was)
             episode_starts = th.tensor(dones, dtype=th.float32, device=self.device)
-            vf = None if lstm_states.vf is None else lstm_states.vf.clone()
-            values = self.policy.predict_values(obs_as_tensor(new_obs, self.device), vf, episode_starts)  # type: ignore[arg-type]
+            values = self.policy.predict_values(obs_as_tensor(new_obs, self.device), lstm_states.vf, episode_starts)  # type: ignore[arg-type]
 
         rollout_buffer.compute_returns_and_advantage(last_values=values, dones=dones)
 

@@ -11,13 +11,14 @@ at t or later. The two forms agree to round-off. The base class checks inputs, t
 its episode, and adds the optional time-in-episode feature; subclasses implement ``_sequence`` and ``_step``.
 
 ``forward_group(memories, x, states, starts)`` runs several memories over the same rows (an actor's and a critic's)
-and returns what the separate calls would; memories that support it (``_groupable``) run as one batch.
+and returns what the separate calls would; memories that support it (``_groupable``) share their costly ops.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -40,9 +41,9 @@ def forward_group(
 ) -> list[tuple[Tensor, MemoryState]]:
     """``[m(x, s, starts) for m, s in zip(memories, states)]``, as one batched call where the memories allow it.
 
-    A recurrent PPO runs its actor's and its critic's memory over the same rows. Memories of one class and
-    configuration that support it (HAM and its relatives, see ``grouped.py``) run as one batch of ``G * B`` rows with
-    their weights stacked; outputs, states and gradients are those of the separate calls.
+    A recurrent PPO runs its actor's and its critic's memory over the same rows. Memories that support it (HAM and
+    its relatives whose delta rule and attention are configured alike, see ``HybridMemory``) run those two ops once,
+    over ``G * B`` rows; outputs, states and gradients are those of the separate calls.
     """
     if len(memories) != len(states):
         raise ValueError(f"forward_group: got {len(memories)} memories but {len(states)} states")
@@ -134,22 +135,30 @@ class Memory(nn.Module):
 
     def forward(self, x: Tensor, state: MemoryState, starts: Tensor) -> tuple[Tensor, MemoryState]:
         """Sequence form: ``x [B, T, input_size]``, ``starts [B, T]`` bool -> ``(y [B, T, hidden_size], state)``."""
-        self._check(x, state, starts, sequence=True)
-        steps = episode_steps(state.episode_len, starts)
-        if self.time_embedding is not None:
-            x = x + self.time_embedding(steps).to(x.dtype)
+        x, steps = self._prepare(x, state, starts)
         y, new_state = self._sequence(x, state, starts, steps)
         new_state.episode_len = steps[:, -1] + 1
         return y, new_state
 
-    def step(self, x: Tensor, state: MemoryState, start: Tensor) -> tuple[Tensor, MemoryState]:
+    def _prepare(self, x: Tensor, state: MemoryState, starts: Tensor) -> tuple[Tensor, Tensor]:
+        """Check a sequence call's inputs; returns ``x`` with the time feature added (if on) and ``steps [B, T]``."""
+        self._check(x, state, starts, sequence=True)
+        steps = episode_steps(state.episode_len, starts)
+        if self.time_embedding is not None:
+            x = x + self.time_embedding(steps).to(x.dtype)
+        return x, steps
+
+    def step(self, x: Tensor, state: MemoryState, start: Tensor, inplace: bool = False) -> tuple[Tensor, MemoryState]:
         """Step form: ``x [B, input_size]``, ``start [B]`` bool -> ``(y [B, hidden_size], state)``.
 
-        Memories with a KV cache write the new entry into the cache tensors of ``state`` in place (copying a
-        growing cache every step would cost more than the step itself); keep ``state.clone()`` to hold on to
-        the state from before the step.
+        ``state`` is left as it was. With ``inplace=True``, memories with a KV cache write the new entry straight
+        into the cache tensors of ``state``, which then must not be used again (an eviction or a reset overwrites
+        entries it holds): the rollout loops' choice, where copying a growing cache every step would cost more than
+        the step itself, and the state is replaced by the returned one at once.
         """
         self._check(x, state, start, sequence=False)
+        if not inplace and state.cache is not None:
+            state = replace(state, cache=state.cache.clone())
         steps = torch.where(start, torch.zeros_like(state.episode_len), state.episode_len)
         if self.time_embedding is not None:
             x = x + self.time_embedding(steps).to(x.dtype)

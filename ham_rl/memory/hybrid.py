@@ -23,7 +23,6 @@ from ham_rl.kernels.cache_attention import cache_attention
 from ham_rl.kernels.gated_delta_rule import gated_delta_rule
 from ham_rl.kernels.ham_step import ham_step, plan_cache, seen_candidates, surprise_score
 from ham_rl.memory.base import Memory
-from ham_rl.memory.grouped import forward_hybrid_group, groupable
 from ham_rl.memory.l2norm import l2norm
 from ham_rl.memory.short_conv import FOLD_MAX_INPUTS, ShortConv, folded_short_conv
 from ham_rl.memory.state import KVCache, MemoryState
@@ -227,14 +226,50 @@ class HybridMemory(Memory):
 
     # -- sequence form -------------------------------------------------------------------------------------
     def _sequence(self, x, state, starts, steps):
+        return self._sequence_group([self], [x], [state], starts, [steps])[0]
+
+    def _inputs(self, x: Tensor, state: MemoryState, steps: Tensor) -> tuple[dict[str, Tensor], Tensor | None, Tensor | None]:
+        """This memory's per-token quantities for a segment, with its RNN state and conv history: ``(p, S, history)``."""
         S, history = self._split_rnn(state.rnn)
         p, history = self._project(x, history, steps)
         if self.use_attention:
             # The per-head temperature is folded into q, so kernels take a plain float scale and autograd does the rest.
             p["q_attn"] = p["q"] * self.attn_log_scale.exp()[:, None]
-        o_rnn, o_kv, S, cache = self._paths(p, S, state.cache, starts, steps, self.tau)
-        rnn = self._join_rnn(S, history)
-        return self._readout(self._gated(p, o_rnn, o_kv)), MemoryState(rnn=rnn, cache=cache, episode_len=state.episode_len)
+        return p, S, history
+
+    @staticmethod
+    def _sequence_group(
+        memories: Sequence[HybridMemory],
+        xs: Sequence[Tensor],
+        states: Sequence[MemoryState],
+        starts: Tensor,
+        steps: Sequence[Tensor],
+    ) -> list[tuple[Tensor, MemoryState]]:
+        """The sequence form of G memories (G = 1: one memory's own forward) on B rows each.
+
+        Each memory projects its own rows and reads out its own output; the delta rule, routing and attention, which
+        read no parameter (``_paths``), run once over the G * B rows.
+        """
+        first, G, B = memories[0], len(memories), starts.shape[0]
+        parts = [m._inputs(x, state, s) for m, x, state, s in zip(memories, xs, states, steps, strict=True)]
+        if G == 1:
+            (p, S, _), cache, tau = parts[0], states[0].cache, first.tau
+            starts_all, steps_all = starts, steps[0]
+        else:
+            p = {name: torch.cat([part[0][name] for part in parts]) for name in parts[0][0]}
+            S = None if parts[0][1] is None else torch.cat([part[1] for part in parts])
+            cache = None if states[0].cache is None else KVCache.cat([state.cache for state in states])
+            tau = torch.stack([m.tau for m in memories]).repeat_interleave(B)[:, None]  # [G * B, 1]
+            starts_all, steps_all = starts.repeat(G, 1), torch.cat(list(steps))
+        o_rnn, o_kv, S, cache = first._paths(p, S, cache, starts_all, steps_all, tau)
+        o = first._gated(p, o_rnn, o_kv)
+        out = []
+        for g, (m, state, (_, _, history)) in enumerate(zip(memories, states, parts, strict=True)):
+            rows = slice(g * B, (g + 1) * B)
+            cache_g = cache if cache is None or G == 1 else cache[rows].compact()
+            rnn = m._join_rnn(None if S is None else S[rows], history)
+            out.append((m._readout(o[rows]), MemoryState(rnn=rnn, cache=cache_g, episode_len=state.episode_len)))
+        return out
 
     @staticmethod
     def _gated(p: dict[str, Tensor], o_rnn: Tensor | None, o_kv: Tensor | None) -> Tensor:
@@ -251,8 +286,8 @@ class HybridMemory(Memory):
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, KVCache | None]:
         """Delta rule, routing and attention over projected rows -> ``(o_rnn, o_kv, S, cache)``, None for a missing path.
 
-        Rows are independent and nothing here reads a parameter (``tau`` is a scalar or one per row), so the rows of
-        several memories of one configuration can go through it as one batch (``grouped.py``)."""
+        Rows are independent and nothing here reads a parameter (``tau`` is a scalar or one per row), only the settings
+        in ``_paths_key``, so the rows of several memories with one key can go through it as one batch."""
         o_rnn = o_kv = None
         score = p.get("router")
         if self.use_rnn:
@@ -280,11 +315,22 @@ class HybridMemory(Memory):
         return o_rnn, o_kv, S, cache
 
     # -- several memories over the same rows (the actor's and the critic's) ----------------------------------
+    def _paths_key(self) -> tuple:
+        """What ``_paths`` reads of the memory, and the shapes and dtype its rows need to be joined."""
+        w = self.qkv.weight
+        return (self.use_rnn, self.use_attention, self.router, self.capacity, self.num_heads, self.head_dim, w.dtype, w.device)
+
     def _groupable(self, memories: Sequence[Memory]) -> bool:
-        return groupable(memories)
+        key = self._paths_key()
+        return all(isinstance(m, HybridMemory) and m._paths_key() == key for m in memories)
 
     def _forward_group(self, memories, x, states, starts):
-        return forward_hybrid_group(memories, x, states, starts)
+        prepared = [m._prepare(x, state, starts) for m, state in zip(memories, states, strict=True)]
+        xs, steps = [p[0] for p in prepared], [p[1] for p in prepared]
+        out = HybridMemory._sequence_group(memories, xs, states, starts, steps)
+        for (_, state), s in zip(out, steps, strict=True):
+            state.episode_len = s[:, -1] + 1
+        return out
 
     @staticmethod
     def _gather_cache(cache: KVCache, plan, keys_all: Tensor, values_all: Tensor, score: Tensor, steps: Tensor) -> KVCache:

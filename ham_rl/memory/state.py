@@ -84,6 +84,10 @@ class KVCache:
             length=self.length,
         )
 
+    def clone(self) -> KVCache:
+        """A copy that shares no storage with this cache."""
+        return self._map(lambda t: t.clone())
+
     def compact(self) -> KVCache:
         """Drop allocated slots that no env uses (keeps at least one slot)."""
         used = max(int(self.length.max()) if self.length.numel() else 0, 1)

@@ -9,9 +9,11 @@ from ham_rl.memory import forward_group
 
 B, T, IN, D = 3, 20, 7, 16
 
-# (name, options): every configuration the grouped path covers
+# (name, options): HAM-family configurations; each memory projects its own rows, so every one of them groups
 GROUPED = [
     ("ham", {}),
+    ("ham-learned", {}),
+    ("ham", {"conv_size": 3, "input_size": 40}),  # wide input: the convolution runs on the projections, not folded
     ("ham", {"capacity": 3, "threshold": 0.3}),
     ("ham", {"fixed_decay": True}),
     ("ham", {"conv_size": 0}),
@@ -26,8 +28,10 @@ GROUPED = [
 IDS = [f"{name}-{'-'.join(map(str, options.values())) or 'default'}" for name, options in GROUPED]
 
 
-def _pair_with_carried_states(name, options, input_size=IN, seed=0):
+def _pair_with_carried_states(name, options, seed=0):
     torch.manual_seed(seed)
+    options = dict(options)
+    input_size = options.pop("input_size", IN)
     memories = [make_memory(name, input_size, D, **options) for _ in range(2)]
     states = []
     for m in memories:  # a first segment gives each memory its own carried state (RNN, conv history, cache)
@@ -46,7 +50,7 @@ def test_grouped_equals_separate_calls(name, options):
     with torch.no_grad():  # different taus, so the two memories route differently
         memories[1].tau.fill_(0.2) if memories[1].threshold is not None else None
     assert memories[0]._groupable(memories)
-    x, starts = torch.randn(B, T, IN), random_starts(B, T, p=0.15)
+    x, starts = torch.randn(B, T, memories[0].input_size), random_starts(B, T, p=0.15)
     starts[1, T // 2] = True
     separate = [m(x, s, starts) for m, s in zip(memories, states, strict=True)]
     grouped = forward_group(memories, x, states, starts)
@@ -77,24 +81,34 @@ def test_grouped_input_states_are_untouched():
         assert_states_close(a, b, atol=0)
 
 
-@pytest.mark.parametrize(
-    "case",
-    ["learned router", "wide input (convolution not folded)", "different head counts", "gru"],
-)
+def test_memories_with_different_input_stages_group():
+    # The input stage (time feature, convolution, gates) is each memory's own code; only the delta rule's and the
+    # attention's settings must agree.
+    torch.manual_seed(0)
+    memories = [make_memory("ham", IN, D), make_memory("ham", IN, D, conv_size=0, time_feature=False, fixed_decay=True)]
+    assert memories[0]._groupable(memories)
+    states = [m.initial_state(B) for m in memories]
+    x, starts = torch.randn(B, T, IN), random_starts(B, T)
+    for (y_grp, s_grp), m, s in zip(forward_group(memories, x, states, starts), memories, states, strict=True):
+        y_sep, s_sep = m(x, s, starts)
+        torch.testing.assert_close(y_grp, y_sep, atol=1e-5, rtol=0)
+        assert_states_close(s_grp, s_sep)
+
+
+@pytest.mark.parametrize("case", ["different head counts", "different capacities", "ham and attention", "gru"])
 def test_falls_back_to_separate_calls(case):
     torch.manual_seed(0)
-    input_size = 40 if case.startswith("wide") else IN
-    if case == "learned router":
-        memories = [make_memory("ham-learned", IN, D) for _ in range(2)]
-    elif case == "different head counts":
+    if case == "different head counts":
         memories = [make_memory("ham", IN, D, num_heads=2), make_memory("ham", IN, D, num_heads=4)]
-    elif case == "gru":
-        memories = [make_memory("gru", IN, D) for _ in range(2)]
+    elif case == "different capacities":
+        memories = [make_memory("ham", IN, D, capacity=4), make_memory("ham", IN, D)]
+    elif case == "ham and attention":
+        memories = [make_memory("ham", IN, D), make_memory("attention", IN, D)]
     else:
-        memories = [make_memory("ham", input_size, D) for _ in range(2)]
+        memories = [make_memory("gru", IN, D) for _ in range(2)]
     assert not memories[0]._groupable(memories)
     states = [m.initial_state(B) for m in memories]
-    x, starts = torch.randn(B, T, input_size), random_starts(B, T)
+    x, starts = torch.randn(B, T, IN), random_starts(B, T)
     for (y_grp, _), m, s in zip(forward_group(memories, x, states, starts), memories, states, strict=True):
         torch.testing.assert_close(y_grp, m(x, s, starts)[0])
 

@@ -1,6 +1,7 @@
 """The sequence form equals T calls of the step form: outputs, final state, cache contents and lengths."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -103,3 +104,31 @@ def test_one_step_segment(name):
     y_step, s_step = run_steps(mem, x, mem.initial_state(B), starts)
     torch.testing.assert_close(y_seq, y_step, atol=1e-5, rtol=0)
     assert_states_close(s_seq, s_step)
+
+
+def _all_tensors(state):
+    cache = () if state.cache is None else (state.cache.keys, state.cache.values, state.cache.scores, state.cache.times)
+    return (*state.rnn, *cache, state.cache_len, state.episode_len)
+
+
+@pytest.mark.parametrize("case", ["ham-capacity", "window-evicting", "attention", "gdn", "gru"])
+def test_step_leaves_its_input_state_alone_unless_inplace(case):
+    # A full cache (evictions) and a reset in the stepped batch: the two writes that overwrite entries in place.
+    mem = build(case)
+    _, state = run_steps(mem, torch.randn(B, 8, IN), mem.initial_state(B), torch.zeros(B, 8, dtype=torch.bool))
+    if state.cache is not None:
+        state = replace(state, cache=state.cache.reserve(state.cache.slots + 1))  # room: no reallocation inside step
+    x, start = torch.randn(B, IN), torch.tensor([True] + [False] * (B - 1))
+    before = state.clone()
+    with torch.no_grad():
+        y, new = mem.step(x, state, start)
+        for a, b in zip(_all_tensors(state), _all_tensors(before), strict=True):
+            assert torch.equal(a, b)  # every allocated slot, not only the valid ones
+        y_inplace, new_inplace = mem.step(x, state, start, inplace=True)
+    torch.testing.assert_close(y, y_inplace, atol=0, rtol=0)
+    assert_states_close(new, new_inplace, atol=0)
+    if state.cache is not None:
+        # in place: the returned cache is the input's storage, and the input's entries were overwritten
+        assert new_inplace.cache.keys.data_ptr() == state.cache.keys.data_ptr()
+        assert new.cache.keys.data_ptr() != state.cache.keys.data_ptr()
+        assert not torch.equal(state.cache.keys, before.cache.keys)
