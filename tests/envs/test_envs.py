@@ -1,4 +1,4 @@
-"""envs/: names, space encoders, vector env autoreset and features, exact state round trip."""
+"""ham_rl.envs: names (aliases, gymnasium ids, module:EnvId), space encoders, vector env autoreset and features, exact state round trip."""
 
 import numpy as np
 import pytest
@@ -17,6 +17,23 @@ def test_unknown_env_lists_valid_names():
     with pytest.raises(ValueError, match="unknown env 'popgym-nope'.*popgym-repeat.*popgym-RepeatPreviousEasy-v0") as e:
         resolve_env_id("popgym-nope")
     assert "\n" not in str(e.value)
+
+
+def test_module_colon_id_imports_the_users_module(tmp_path, monkeypatch):
+    (tmp_path / "user_tasks_for_test.py").write_text(
+        "import gymnasium as gym\n"
+        "gym.register('UserTask-v0', entry_point='gymnasium.envs.classic_control:CartPoleEnv', max_episode_steps=20)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert resolve_env_id("user_tasks_for_test:UserTask-v0") == "user_tasks_for_test:UserTask-v0"
+    venv = VecEnv("user_tasks_for_test:UserTask-v0", 2, seed=0)
+    assert venv.feature_dim == 4 + 2 + 1  # CartPole's observation, one-hot previous action, previous reward
+    with pytest.raises(ValueError, match="registered no gymnasium env 'Nope-v0'"):
+        resolve_env_id("user_tasks_for_test:Nope-v0")
+    with pytest.raises(ValueError, match="cannot import module 'no_such_module_here'"):
+        resolve_env_id("no_such_module_here:UserTask-v0")
+    with pytest.raises(ValueError, match="must be `<module>:<EnvId>`"):
+        resolve_env_id(":UserTask-v0")
 
 
 @pytest.mark.parametrize(
