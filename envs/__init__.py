@@ -1,7 +1,17 @@
-"""Environment construction: names -> gymnasium envs, space encoders, the in-process vector env."""
+"""Environment construction: names -> gymnasium envs, space encoders, the in-process vector env, the recall tasks."""
 
 from ham_rl.envs.encoding import SpaceEncoder
+from ham_rl.envs.recall_tasks import AssociativeRecallEnv, CueRecallEnv
 from ham_rl.envs.registry import ENV_ALIASES, make_env, resolve_env_id, valid_env_names
 from ham_rl.envs.vector import VecEnv
 
-__all__ = ["ENV_ALIASES", "SpaceEncoder", "VecEnv", "make_env", "resolve_env_id", "valid_env_names"]
+__all__ = [
+    "ENV_ALIASES",
+    "AssociativeRecallEnv",
+    "CueRecallEnv",
+    "SpaceEncoder",
+    "VecEnv",
+    "make_env",
+    "resolve_env_id",
+    "valid_env_names",
+]

@@ -8,6 +8,7 @@ import difflib
 import importlib
 
 import gymnasium as gym
+from ham_rl.envs.recall_tasks import PRESETS as RECALL_PRESETS  # importing it registers the ham_rl/* ids
 
 __all__ = ["ENV_ALIASES", "make_env", "resolve_env_id", "valid_env_names"]
 
@@ -24,6 +25,8 @@ ENV_ALIASES: dict[str, str] = {
     "popgym-minesweeper": "popgym-MineSweeperEasy-v0",
     "popgym-concentration": "popgym-ConcentrationEasy-v0",
     "popgym-pendulum": "popgym-PositionOnlyPendulumEasy-v0",
+    # the project's recall tasks (envs/recall_tasks.py): cue-recall, cue-random-d50, ar-4, ...
+    **{alias: env_id for alias, (env_id, _, _) in RECALL_PRESETS.items()},
 }
 
 
