@@ -232,7 +232,8 @@ class AssociativeRecallEnv(_RecallEnv):
     ):
         kwargs = dict(num_pairs=num_pairs, num_keys=num_keys, num_values=num_values, context_len=context_len,
                       num_questions=num_questions, distractors=distractors, distractor_width=distractor_width)  # fmt: skip
-        super().__init__(associative_recall_batch, kwargs, num_values, 1.0 / num_questions, 0.0)
+        super().__init__(associative_recall_batch, kwargs, num_values, 1.0, 0.0)
+        self._reward_right = 1.0 / num_questions  # after the parameters were checked
 
 
 _ENTRY = {"cue": f"{__name__}:CueRecallEnv", "associative": f"{__name__}:AssociativeRecallEnv"}
