@@ -27,7 +27,7 @@ __all__ = ["PPO", "PPOConfig", "NonFiniteLossError"]
 
 
 class NonFiniteLossError(RuntimeError):
-    """The PPO loss became NaN or infinite."""
+    """The PPO loss became NaN or infinite, or an env gave a NaN or infinite observation or reward."""
 
 
 @dataclass
@@ -162,6 +162,7 @@ class PPO:
         self.state0 = self.state.compact().clone()
         with torch.no_grad():
             for t in range(self.cfg.num_steps):
+                self._check_finite(self.next_obs, "observation features", t)
                 self.obs[t] = self.next_obs
                 self.starts[t] = self.next_start
                 x = torch.from_numpy(self.next_obs).to(dev)
@@ -172,6 +173,7 @@ class PPO:
                 self.values[t] = value
                 self.cache_len[t] = self.state.cache_len  # cache length after this step (episode end if done)
                 self.next_obs, self.rewards[t], self.dones[t], finished = venv.step(head.to_env(action))
+                self._check_finite(self.rewards[t], "reward", t)
                 self.next_start = self.dones[t].copy()
                 if venv.truncated.any():
                     self.rewards[t] += self._truncation_bootstrap()
@@ -188,6 +190,16 @@ class PPO:
         has_cache = self.state.cache is not None
         kv_len_mean = float(self.cache_len[dones_t].float().mean()) if n_done and has_cache else None
         return {"episodes": n_done, "kv_len_mean": kv_len_mean}
+
+    def _check_finite(self, values: np.ndarray, what: str, t: int) -> None:
+        """Stop on a NaN or infinite env output before it reaches the memory (one line naming the env and step)."""
+        if np.isfinite(values).all():
+            return
+        bad = np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(1))
+        raise NonFiniteLossError(
+            f"non-finite {what} from env {int(bad[0])} ({len(bad)} of {len(values)} envs) at env step "
+            f"{self.global_step + t * self.cfg.num_envs} (update {self.update + 1}, rollout step {t})"
+        )
 
     def _truncation_bootstrap(self) -> np.ndarray:
         """``gamma * V(last observation)`` for the envs a time limit cut off (0 elsewhere), as SB3 does.
@@ -303,7 +315,8 @@ class PPO:
 
     # ------------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything a resumed run needs to continue exactly (at an update boundary)."""
+        """Everything a resumed run needs to continue exactly (at an update boundary), as tensors and plain data only,
+        so that a checkpoint loads without unpickling anything (``torch.load(weights_only=True)``)."""
         return {
             "update": self.update,
             "global_step": self.global_step,
@@ -311,34 +324,58 @@ class PPO:
             "optimizer": self.optimizer.state_dict(),
             "venv": self.venv.state_dict(),
             "memory_state": self.state.state_dict(),
-            "next_obs": self.next_obs.copy(),
-            "next_start": self.next_start.copy(),
-            "ep_returns": list(self.ep_returns),
-            "ep_lengths": list(self.ep_lengths),
+            "next_obs": torch.from_numpy(self.next_obs.copy()),
+            "next_start": torch.from_numpy(self.next_start.copy()),
+            "ep_returns": [float(r) for r in self.ep_returns],
+            "ep_lengths": [int(n) for n in self.ep_lengths],
             "rng": {
                 "torch": torch.get_rng_state(),
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
+                "numpy": _numpy_rng_to_plain(np.random.get_state()),
+                "python": _python_rng_to_plain(random.getstate()),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             },
             "ppo_config": asdict(self.cfg),
         }
 
     def load_state_dict(self, data: dict) -> None:
-        """Restore what :meth:`state_dict` saved."""
+        """Restore what :meth:`state_dict` saved (envs that cannot be restored restart, with a warning)."""
         self.update = int(data["update"])
         self.global_step = int(data["global_step"])
         self.agent.load_state_dict(data["agent"])
         self.optimizer.load_state_dict(data["optimizer"])
-        self.venv.load_state_dict(data["venv"])
+        restarted = self.venv.load_state_dict(data["venv"])
         self.state = MemoryState.from_state_dict(data["memory_state"]).to(self.device)
-        self.next_obs = data["next_obs"].copy()
-        self.next_start = data["next_start"].copy()
+        self.next_obs = data["next_obs"].numpy().copy()
+        self.next_start = data["next_start"].numpy().copy()
+        if restarted:  # those envs begin a new episode: their features and start flags come from the env now
+            features, starts = self.venv.current_features()
+            self.next_obs[restarted], self.next_start[restarted] = features[restarted], starts[restarted]
         self.ep_returns = deque(data["ep_returns"], maxlen=100)
         self.ep_lengths = deque(data["ep_lengths"], maxlen=100)
         rng = data["rng"]
         torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
+        np.random.set_state(_numpy_rng_from_plain(rng["numpy"]))
+        random.setstate(_python_rng_from_plain(rng["python"]))
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _numpy_rng_to_plain(state: tuple) -> dict:
+    """``np.random.get_state()`` (a tuple holding a uint32 array) as plain data and a tensor."""
+    name, key, pos, has_gauss, gauss = state
+    return {"name": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+            "gauss": float(gauss)}  # fmt: skip
+
+
+def _numpy_rng_from_plain(data: dict) -> tuple:
+    return (data["name"], data["key"].numpy().astype(np.uint32), data["pos"], data["has_gauss"], data["gauss"])
+
+
+def _python_rng_to_plain(state: tuple) -> list:
+    version, internal, gauss_next = state
+    return [version, list(internal), gauss_next]
+
+
+def _python_rng_from_plain(data: list) -> tuple:
+    version, internal, gauss_next = data
+    return (version, tuple(internal), gauss_next)

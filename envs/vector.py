@@ -16,12 +16,14 @@ action and the previous reward; both are zero at the first step of an episode.
 
 from __future__ import annotations
 
-import pickle
+import warnings
 from typing import Any
 
 import numpy as np
+import torch
 from gymnasium import spaces
 from ham_rl.envs.encoding import SpaceEncoder
+from ham_rl.envs.env_state import EnvStateError, encode, restore
 from ham_rl.envs.registry import make_env, resolve_env_id
 
 __all__ = ["VecEnv"]
@@ -146,32 +148,77 @@ class VecEnv:
 
     # ------------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything needed to continue exactly: the pickled envs (with their RNGs) and the per-env counters."""
+        """Everything needed to continue exactly, as plain data (no pickles): each env's state (``env_state.encode``),
+        its current observation and the per-env counters. An env whose state has no plain-data form is stored as
+        ``None`` with the reason; loading restarts it."""
+        envs, obs, reasons = [], [], []
+        for i, env in enumerate(self.envs):
+            try:
+                envs.append(encode(env))
+                obs.append(encode(self._obs[i]))
+                reasons.append(None)
+            except EnvStateError as e:
+                envs.append(None)
+                obs.append(None)
+                reasons.append(str(e))
         return {
             "env_id": self.env_id,
             "num_envs": self.num_envs,
-            "envs": pickle.dumps(self.envs),
-            "obs": pickle.dumps(self._obs),
-            "features": self._features.copy(),
-            "starts": self._starts.copy(),
-            "ep_return": self._ep_return.copy(),
-            "ep_length": self._ep_length.copy(),
-            "rewards": self._rewards.copy(),
+            "seed": self.seed,
+            "envs": envs,
+            "obs": obs,
+            "unsaved_reasons": reasons,
+            **{name: torch.from_numpy(getattr(self, f"_{name}").copy()) for name in self._COUNTERS},
         }
 
-    def load_state_dict(self, data: dict) -> None:
-        """Restore what :meth:`state_dict` saved (same env id and number of envs)."""
+    #: per-env arrays saved with the env states (as tensors)
+    _COUNTERS = ("features", "starts", "ep_return", "ep_length", "rewards")
+
+    def load_state_dict(self, data: dict) -> list[int]:
+        """Restore what :meth:`state_dict` saved into this VecEnv's freshly built envs (same env id and number).
+
+        :return: the envs that could not be restored and were restarted from a new episode instead (with a warning)
+        """
         if data["env_id"] != self.env_id or data["num_envs"] != self.num_envs:
             raise ValueError(
                 f"env state is for {data['env_id']} x{data['num_envs']}, this VecEnv is {self.env_id} x{self.num_envs}"
             )
-        self.envs = pickle.loads(data["envs"])
-        self._obs = pickle.loads(data["obs"])
-        self._features = data["features"].copy()
-        self._starts = data["starts"].copy()
-        self._ep_return = data["ep_return"].copy()
-        self._ep_length = data["ep_length"].copy()
-        self._rewards = data["rewards"].copy()
+        for name in self._COUNTERS:
+            setattr(self, f"_{name}", data[name].numpy().copy())
+        restarted = []
+        for i, (env_data, obs_data) in enumerate(zip(data["envs"], data["obs"], strict=True)):
+            reason = data["unsaved_reasons"][i]
+            if env_data is not None:
+                try:
+                    restore(self.envs[i], env_data)
+                    self._obs[i] = restore(self._obs[i], obs_data)
+                    continue
+                except EnvStateError as e:
+                    self.envs[i] = make_env(self.env_id)  # a half-restored env is not a state to continue from
+                    reason = str(e)
+            self._restart(i, reason)
+            restarted.append(i)
+        return restarted
+
+    def _restart(self, i: int, reason: str) -> None:
+        """Start env i on a new episode from a seed of its own (its saved state could not be restored)."""
+        seed = self.seed + self.num_envs + i  # not a seed any env of this run was reset with at the start
+        warnings.warn(
+            f"{self.env_id} env {i} could not be restored from the checkpoint ({reason}); it starts a new episode "
+            f"from seed {seed}, so this resumed run does not continue exactly",
+            stacklevel=3,
+        )
+        self._obs[i], _ = self.envs[i].reset(seed=seed)
+        self._starts[i] = True
+        self._ep_return[i] = 0.0
+        self._ep_length[i] = 0
+        self._rewards[i] = 0.0
+        self._features[i] = 0.0
+        self.obs_encoder([self._obs[i]], out=self._features[i : i + 1, : self.obs_dim])
+
+    def current_features(self) -> tuple[np.ndarray, np.ndarray]:
+        """The features and starts that the last ``reset``/``step`` returned (or a restore set)."""
+        return self._features.copy(), self._starts.copy()
 
     def close(self) -> None:
         for env in self.envs:

@@ -28,10 +28,12 @@ CONFIG_PACKAGE = "pkg://ham_rl.configs"
 #: the folder of the shipped configs on disk (``configs/`` in a checkout or an editable install)
 CONFIG_DIR = Path(str(importlib.resources.files("ham_rl.configs"))).resolve()
 
-#: keys that may differ between a run and its resumption (they do not change what is computed)
+#: keys that may differ between a run and its resumption: how it runs, not what it computes, and total_timesteps to
+#: extend a run (the learning-rate schedule then anneals over the new length from the resumed update on)
 RESUME_MAY_CHANGE = frozenset(
-    {"resume", "run_dir", "device", "torch_threads", "progress", "tensorboard", "checkpoint_every", "stop_after_updates"}
-)
+    {"resume", "run_dir", "device", "torch_threads", "progress", "tensorboard", "checkpoint_every", "stop_after_updates",
+     "total_timesteps"}
+)  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -54,6 +56,10 @@ def validate_root(cfg: DictConfig) -> None:
         raise ConfigError(f"stop_after_updates must be null or an int >= 1, got {cfg.stop_after_updates!r}")
     if not _is_int(cfg.torch_threads) or cfg.torch_threads < 0:
         raise ConfigError(f"torch_threads must be an int >= 0 (0 = torch default), got {cfg.torch_threads!r}")
+    for key in ("progress", "tensorboard", "env.prev_action", "env.prev_reward"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
     resolve_device(cfg.device)
 
 

@@ -91,10 +91,17 @@ def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool =
     if not isinstance(num_envs, int) or isinstance(num_envs, bool) or num_envs < 1:
         raise ConfigError(f"num_envs must be an int >= 1, got {num_envs!r}")
     seed = opts.get("seed", int(cfg.seed) + 1000)
-    deterministic = bool(opts.get("deterministic", True))
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError(f"seed must be an int >= 0, got {seed!r}")
+    deterministic = opts.get("deterministic", True)
+    if not isinstance(deterministic, bool):
+        raise ConfigError(f"deterministic must be true or false, got {deterministic!r}")
     device = resolve_device(opts.get("device", "cpu"))
-    if opts.get("torch_threads"):
-        torch.set_num_threads(int(opts["torch_threads"]))
+    threads = opts.get("torch_threads", 0)
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
+        raise ConfigError(f"torch_threads must be an int >= 0 (0 = torch default), got {threads!r}")
+    if threads:
+        torch.set_num_threads(threads)
 
     venv = VecEnv(cfg.env.id, num_envs, seed=seed, prev_action=cfg.env.prev_action, prev_reward=cfg.env.prev_reward)
     name, hidden, mem_options = memory_kwargs(cfg.memory)
@@ -118,11 +125,12 @@ def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool =
     taus = list(taus) if isinstance(taus, (list, tuple)) else [taus]
     if trained_tau is None and any(t is not None for t in taus):
         raise ConfigError(f"memory {name!r} has no threshold (no router); drop memory.threshold")
+    for tau in taus:
+        if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or math.isnan(tau)):
+            raise ConfigError(f"memory.threshold must be a number (inf allowed) or a list of numbers, got {tau!r}")
     results = []
     for tau in taus:
         if tau is not None:
-            if isinstance(tau, bool) or not isinstance(tau, (int, float)):
-                raise ConfigError(f"memory.threshold must be a number or a list of numbers, got {tau!r}")
             mem.set_threshold(float(tau))
         mem.end_update()  # reset the routing counters
         torch.manual_seed(seed)
@@ -187,6 +195,9 @@ def main(argv: list[str] | None = None) -> None:
         evaluate_run(run_dir, opts)
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # e.g. a run dir that cannot take sweep.csv
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -5,6 +5,7 @@ Run directory format (read by ham_rl.report):
 - ``metrics.csv``: ``global_step,time_s,ep_rew_mean,ep_len_mean,fps,kv_fraction,kv_len_mean,threshold``,
   one row per PPO update, an empty cell where a value is unknown
 - ``summary.json``: see :func:`summarise`
+- ``resumes.jsonl``: one line per resume that changed a setting allowed to change (``RESUME_MAY_CHANGE``)
 - ``checkpoints/last.pt``, ``tb/``
 """
 
@@ -84,8 +85,20 @@ def summarise(rows: list[dict], *, env: str, memory: str, seed: int, total_times
     }
 
 
+def _finite_or_none(value):
+    """JSON has no NaN or infinity: a non-finite float becomes null (None), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
 def write_json_atomic(data: dict, path: str | os.PathLike) -> None:
+    """Write ``data`` as strict JSON (non-finite numbers as null), atomically."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(json.dumps(_finite_or_none(data), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)

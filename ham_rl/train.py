@@ -10,8 +10,13 @@ The run directory (format in ham_rl/runlog.py) gets config.yaml, metrics.csv, su
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,12 +26,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ham_rl.agents import PPO, NonFiniteLossError, PPOConfig, RecurrentActorCritic
-from ham_rl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ham_rl.config import CONFIG_PACKAGE, ConfigError, config_diff, memory_kwargs, resolve_device, validate_root
+from ham_rl.checkpoint import CheckpointError, load_checkpoint, remove_stale_temp_files, save_checkpoint
+from ham_rl.config import (
+    CONFIG_PACKAGE,
+    RESUME_MAY_CHANGE,
+    ConfigError,
+    config_diff,
+    memory_kwargs,
+    resolve_device,
+    validate_root,
+)
 from ham_rl.envs import VecEnv, resolve_env_id
 from ham_rl.runlog import MetricsCSV, summarise, write_json_atomic
 
-__all__ = ["TrainingStopped", "build", "main", "prepare_config", "train"]
+__all__ = ["TrainingStopped", "build", "main", "prepare_config", "resume_config", "train"]
 
 
 def _run_dir_resolver(resume, run_dir, default) -> str:
@@ -38,14 +51,54 @@ OmegaConf.register_new_resolver("ham_rl_run_dir", _run_dir_resolver, replace=Tru
 
 
 class TrainingStopped(RuntimeError):
-    """Training stopped early (non-finite loss, Ctrl-C); the last good checkpoint is kept.
+    """Training stopped early (non-finite loss or input, Ctrl-C, SIGTERM); the last good checkpoint is kept.
 
-    :param exit_code: the CLI's exit status (1; 130 for an interrupt, as shells report Ctrl-C)
+    :param exit_code: the CLI's exit status (1; 130 for Ctrl-C and 143 for SIGTERM, as shells report them)
     """
 
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM, Kubernetes and ``timeout`` send), raised where the training loop is, like Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated
+
+
+def resume_config(run_dir: str | Path, overrides: list[str]) -> DictConfig:
+    """The config to continue ``run_dir`` with: its saved ``config.yaml`` with the command line's ``key=value``
+    overrides applied (``train`` then refuses those that may not change on resume, see ``RESUME_MAY_CHANGE``).
+
+    :raises ConfigError: no config.yaml there, or an override that is not a plain ``key=value``
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"resume={run_dir}: no config.yaml there, not a ham_rl run directory")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    for override in overrides:
+        key, sep, _ = override.lstrip("+~").partition("=")
+        if not sep or key in ("env", "memory", "agent"):
+            raise ConfigError(f"resume={run_dir}: {override!r} cannot be applied to a saved run; give key=value settings")
+    cfg.merge_with(OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
+    cfg.resume = str(run_dir)
+    return cfg
+
+
+def _interrupted(ckpt_path: Path, run_dir: Path, update: int, saved: dict, signal_name: str, exit_code: int):
+    if not ckpt_path.exists():
+        return TrainingStopped(
+            f"{signal_name} before the first checkpoint; nothing to resume, the same command starts the run again",
+            exit_code=exit_code,
+        )
+    return TrainingStopped(
+        f"{signal_name}: interrupted during update {update + 1}; the checkpoint of update {saved['update']} "
+        f"(step {saved['step']}) is kept at {ckpt_path}; continue with resume={run_dir}",
+        exit_code=exit_code,
+    )
 
 
 def prepare_config(cfg: DictConfig) -> tuple[DictConfig, PPOConfig]:
@@ -92,6 +145,42 @@ def build(cfg: DictConfig, ppo_cfg: PPOConfig, device: torch.device) -> PPO:
     return PPO(agent, venv, ppo_cfg, cfg.total_timesteps, device=device)
 
 
+def _changed_settings(saved: DictConfig, cfg: DictConfig) -> dict[str, tuple]:
+    """The settings of ``RESUME_MAY_CHANGE`` that this resume changes: ``{key: (saved, given)}``."""
+    keys = sorted(RESUME_MAY_CHANGE - {"resume", "run_dir"})
+    return {k: (saved.get(k), cfg.get(k)) for k in keys if saved.get(k) != cfg.get(k)}
+
+
+def _record_resume(run_dir: Path, cfg: DictConfig, step: int, changed: dict) -> None:
+    """Append the changed settings to resumes.jsonl and keep config.yaml the run's current config."""
+    with open(run_dir / "resumes.jsonl", "a") as f:
+        f.write(json.dumps({"global_step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changed": changed}) + "\n")
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    for key in changed:
+        saved[key] = cfg[key]
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(OmegaConf.to_yaml(saved))
+    os.replace(tmp, run_dir / "config.yaml")
+
+
+def _start_run_dir(run_dir: Path, cfg: DictConfig) -> None:
+    """Create (or empty, for a run stopped before its first checkpoint) the run dir and write config.yaml.
+
+    :raises ConfigError: the dir cannot be written (one line, nothing half-written)
+    """
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("metrics.csv", "resumes.jsonl"):
+            (run_dir / stale).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "tb", ignore_errors=True)
+        remove_stale_temp_files(run_dir / "checkpoints")
+        tmp = run_dir / "config.yaml.tmp"
+        tmp.write_text(OmegaConf.to_yaml(cfg))
+        os.replace(tmp, run_dir / "config.yaml")
+    except OSError as e:
+        raise ConfigError(f"run_dir={run_dir} cannot be written: {e.strerror or e}") from None
+
+
 def _fmt(v, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec)
 
@@ -119,7 +208,7 @@ def train(cfg: DictConfig) -> dict:
 
     :raises ConfigError: bad config, unknown env/memory, resume dir with another config (nothing written)
     :raises CheckpointError: missing or corrupt checkpoint on resume (nothing written)
-    :raises TrainingStopped: non-finite loss or Ctrl-C (the last good checkpoint is kept, no new one written)
+    :raises TrainingStopped: non-finite loss or input, Ctrl-C or SIGTERM (the last good checkpoint is kept)
     """
     cfg, ppo_cfg = prepare_config(cfg)
     device = resolve_device(cfg.device)
@@ -127,7 +216,8 @@ def train(cfg: DictConfig) -> dict:
         raise ConfigError("run_dir is not set (the CLI sets it to Hydra's output dir)")
     run_dir = Path(cfg.resume or cfg.run_dir)
     ckpt_path = run_dir / "checkpoints" / "last.pt"
-    ckpt = None
+    ckpt, changed = None, {}
+    unstarted = (run_dir / "config.yaml").is_file() and not ckpt_path.exists() and not (run_dir / "summary.json").exists()
     if cfg.resume is not None:
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"resume={run_dir}: no config.yaml there, not a ham_rl run directory")
@@ -135,10 +225,20 @@ def train(cfg: DictConfig) -> dict:
         diff = config_diff(saved, cfg)
         if diff:
             raise ConfigError(f"resume={run_dir} was run with another config: {'; '.join(diff)} (saved -> given)")
-        ckpt = load_checkpoint(ckpt_path)
+        changed = {k: [v[0], v[1]] for k, v in _changed_settings(saved, cfg).items()}
+        if unstarted:
+            print(f"{run_dir} stopped before its first checkpoint: starting it again from the beginning", file=sys.stderr)
+        else:
+            ckpt = load_checkpoint(ckpt_path)
+    elif unstarted:
+        print(f"{run_dir} holds a run stopped before its first checkpoint: starting it again", file=sys.stderr)
     elif (run_dir / "config.yaml").exists() or ckpt_path.exists():
         raise ConfigError(f"{run_dir} already holds a run; continue it with resume={run_dir} or choose another run_dir")
     cfg.run_dir = str(run_dir)
+    if ckpt is not None and cfg.total_timesteps < int(ckpt["ppo"]["global_step"]):
+        raise ConfigError(
+            f"total_timesteps={cfg.total_timesteps} is below the {ckpt['ppo']['global_step']} steps {run_dir} has done"
+        )
 
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
@@ -151,9 +251,11 @@ def train(cfg: DictConfig) -> dict:
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"checkpoint {ckpt_path} does not fit this config: {str(e).splitlines()[0]}") from e
         elapsed_before = float(ckpt["elapsed_s"])
+        remove_stale_temp_files(ckpt_path.parent)  # left by a writer killed mid-write; last.pt itself is whole
+        if changed:
+            _record_resume(run_dir, cfg, ppo.global_step, changed)
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        _start_run_dir(run_dir, cfg)
 
     metrics = MetricsCSV(run_dir / "metrics.csv", resume_step=ppo.global_step if ckpt is not None else None)
     writer = None
@@ -192,6 +294,8 @@ def train(cfg: DictConfig) -> dict:
 
     t0 = time.perf_counter()
     start_step, updates_here = ppo.global_step, 0
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    old_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         while ppo.update < ppo.num_updates:
             try:
@@ -199,15 +303,11 @@ def train(cfg: DictConfig) -> dict:
             except NonFiniteLossError as e:
                 where = f"last good checkpoint: {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
                 raise TrainingStopped(f"{e}; run stopped, {where}") from e
-            except KeyboardInterrupt:
+            except _Terminated:
                 # A half-done update is not a state to save: the last checkpoint (an update boundary) stays.
-                if not ckpt_path.exists():
-                    raise TrainingStopped("interrupted before the first checkpoint; nothing to resume") from None
-                raise TrainingStopped(
-                    f"interrupted during update {ppo.update + 1}; the checkpoint of update {saved['update']} "
-                    f"(step {saved['step']}) is kept; continue with resume={run_dir}",
-                    exit_code=130,
-                ) from None
+                raise _interrupted(ckpt_path, run_dir, ppo.update, saved, "SIGTERM", 143) from None
+            except KeyboardInterrupt:
+                raise _interrupted(ckpt_path, run_dir, ppo.update, saved, "Ctrl-C", 130) from None
             updates_here += 1
             now = time.perf_counter()
             fps = (ppo.global_step - start_step) / max(now - t0, 1e-9)
@@ -238,6 +338,8 @@ def train(cfg: DictConfig) -> dict:
                 print(f"stopped after {updates_here} updates at step {ppo.global_step}; continue with resume={run_dir}")
                 return {"global_step": ppo.global_step, "stopped": True}
     finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, old_sigterm)
         pbar.close()
         if writer is not None:
             writer.close()
@@ -260,13 +362,19 @@ def train(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="config")
 def main(cfg: DictConfig) -> None:
-    """CLI entry point (Hydra): ``python -m ham_rl.train [group=option ...] [key=value ...]``."""
-    if cfg.resume is None and cfg.run_dir is None:
-        from hydra.core.hydra_config import HydraConfig
+    """CLI entry point (Hydra): ``python -m ham_rl.train [group=option ...] [key=value ...]``.
 
-        cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-        cfg.run_dir = HydraConfig.get().runtime.output_dir
+    ``resume=<dir>`` continues from the dir's own config.yaml; other ``key=value`` given with it are checked against it.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
     try:
+        if cfg.resume is not None:
+            given = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+").startswith("resume=")]
+            cfg = resume_config(cfg.resume, given)
+        elif cfg.run_dir is None:
+            cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+            cfg.run_dir = HydraConfig.get().runtime.output_dir
         train(cfg)
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -186,7 +186,7 @@ def load_run(path: str | os.PathLike) -> Run:
     metrics = read_columns(path / "metrics.csv", ("global_step", "ep_rew_mean"), METRICS_COLUMNS)
     order = np.argsort(metrics["global_step"], kind="stable")
     steps = metrics["global_step"][order]
-    keep = np.append(steps[1:] != steps[:-1], True)  # a resumed run may log a step twice: keep the last row
+    keep = np.append(steps[1:] != steps[:-1], True)[: len(steps)]  # a resumed run may log a step twice: keep the last
     metrics = {name: col[order][keep] for name, col in metrics.items()}
     sweep = read_columns(path / "sweep.csv", SWEEP_COLUMNS) if (path / "sweep.csv").is_file() else None
     threshold = _select(cfg, "memory.threshold")
@@ -222,9 +222,14 @@ def find_runs(paths: Sequence[str | os.PathLike], include_unfinished: bool = Fal
     dirs = find_run_dirs(paths)
     if not dirs:
         raise ReportError(f"no runs found under {', '.join(map(str, paths))} (a run dir holds metrics.csv and config.yaml)")
-    runs, unfinished = [], []
+    runs, unfinished, unreadable = [], [], []
     for d in dirs:
-        run = load_run(d)
+        try:
+            run = load_run(d)
+        except ReportError as e:  # one bad run dir must not cost the report of all the others
+            warnings.warn(f"skipped {d}: {e}", stacklevel=2)
+            unreadable.append(str(e))
+            continue
         if not run.finished and not include_unfinished:
             unfinished.append(run)
             continue
@@ -241,8 +246,9 @@ def find_runs(paths: Sequence[str | os.PathLike], include_unfinished: bool = Fal
         )
     if not runs:
         raise ReportError(
-            f"no usable runs under {', '.join(map(str, paths))} ({len(dirs)} found, {len(unfinished)} unfinished: "
-            "pass --include-unfinished to use them)"
+            f"no usable runs under {', '.join(map(str, paths))} ({len(dirs)} found; {len(unreadable)} unreadable"
+            + (f", the first: {unreadable[0]}" if unreadable else "")
+            + f"; {len(unfinished)} unfinished: pass --include-unfinished to use them)"
         )
     seen: dict[tuple[str, str, int], Path] = {}
     for run in runs:
