@@ -133,7 +133,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
     stored = data.pop("checksum", None)
-    if stored != tensor_checksum(data):
+    try:
+        actual = tensor_checksum(data)
+    except TypeError as e:  # e.g. pickled bytes planted inside: never unpickled, refused
+        raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint: {e}") from None
+    if stored != actual:
         raise CheckpointError(f"corrupt checkpoint {path}: its tensor data does not match the checksum stored with it")
     return data
 

@@ -72,6 +72,7 @@ def _raise_terminated(signum, frame) -> None:
 def resume_config(run_dir: str | Path, overrides: list[str]) -> DictConfig:
     """The config to continue ``run_dir`` with: its saved ``config.yaml`` with the command line's ``key=value``
     overrides applied (``train`` then refuses those that may not change on resume, see ``RESUME_MAY_CHANGE``).
+    ``stop_after_updates`` counts the updates of one invocation, so it is not carried over from the saved config.
 
     :raises ConfigError: no config.yaml there, or an override that is not a plain ``key=value``
     """
@@ -79,6 +80,7 @@ def resume_config(run_dir: str | Path, overrides: list[str]) -> DictConfig:
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"resume={run_dir}: no config.yaml there, not a ham_rl run directory")
     cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg.stop_after_updates = None
     for override in overrides:
         key, sep, _ = override.lstrip("+~").partition("=")
         if not sep or key in ("env", "memory", "agent"):
@@ -281,7 +283,6 @@ def train(cfg: DictConfig) -> dict:
     saved = {"update": ppo.update, "step": ppo.global_step}  # what checkpoints/last.pt holds
 
     def checkpoint(t_now: float) -> None:
-        saved.update(update=ppo.update, step=ppo.global_step)
         save_checkpoint(
             {
                 "config": OmegaConf.to_container(cfg),
@@ -291,6 +292,7 @@ def train(cfg: DictConfig) -> dict:
             },
             ckpt_path,
         )
+        saved.update(update=ppo.update, step=ppo.global_step)  # only once the file is whole
 
     t0 = time.perf_counter()
     start_step, updates_here = ppo.global_step, 0
@@ -303,11 +305,6 @@ def train(cfg: DictConfig) -> dict:
             except NonFiniteLossError as e:
                 where = f"last good checkpoint: {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
                 raise TrainingStopped(f"{e}; run stopped, {where}") from e
-            except _Terminated:
-                # A half-done update is not a state to save: the last checkpoint (an update boundary) stays.
-                raise _interrupted(ckpt_path, run_dir, ppo.update, saved, "SIGTERM", 143) from None
-            except KeyboardInterrupt:
-                raise _interrupted(ckpt_path, run_dir, ppo.update, saved, "Ctrl-C", 130) from None
             updates_here += 1
             now = time.perf_counter()
             fps = (ppo.global_step - start_step) / max(now - t0, 1e-9)
@@ -337,6 +334,12 @@ def train(cfg: DictConfig) -> dict:
                 pbar.close()
                 print(f"stopped after {updates_here} updates at step {ppo.global_step}; continue with resume={run_dir}")
                 return {"global_step": ppo.global_step, "stopped": True}
+    # Wherever the signal lands (in an update, logging, or a checkpoint write, which leaves the old file whole), the
+    # last complete checkpoint is the state to continue from: a half-done update is not one.
+    except _Terminated:
+        raise _interrupted(ckpt_path, run_dir, ppo.update, saved, "SIGTERM", 143) from None
+    except KeyboardInterrupt:
+        raise _interrupted(ckpt_path, run_dir, ppo.update, saved, "Ctrl-C", 130) from None
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, old_sigterm)

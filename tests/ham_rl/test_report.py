@@ -251,3 +251,23 @@ def test_load_run_keeps_last_row_of_a_repeated_step(tmp_path: Path) -> None:
     np.testing.assert_array_equal(loaded.returns, [0.1, 0.2])
     with pytest.raises(ReportError, match="no such directory"):
         find_runs([tmp_path / "absent"])
+
+
+def test_report_skips_dead_and_unreadable_runs_and_reports_the_rest(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "runs"
+    make_run(root / "good", ENV_A, "ham", 0, [0.1, 0.4])
+    dead = root / "dead"  # died in its first update: a header-only metrics.csv (and, say, a partial summary)
+    dead.mkdir(parents=True)
+    (dead / "config.yaml").write_text((root / "good" / "config.yaml").read_text())
+    (dead / "metrics.csv").write_text(HEADER + "\n")
+    (dead / "summary.json").write_text('{"env": "' + ENV_A + '"}')
+    broken = root / "broken"
+    broken.mkdir()
+    (broken / "config.yaml").write_text("env: [unclosed\n")
+    (broken / "metrics.csv").write_text(HEADER + "\n")
+    main([str(root), "--out", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.splitlines()  # the report's warnings: one line per skipped run
+    assert any(f"skipped {broken}" in m and "not a readable YAML config" in m for m in lines)
+    assert any(str(dead) in m and "no episode has ended" in m for m in lines)
+    rows = read_table(tmp_path / "out" / f"{ENV_A}.csv")
+    assert [r.memory for r in rows] == ["ham"] and rows[0].n_seeds == 1

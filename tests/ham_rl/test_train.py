@@ -2,42 +2,16 @@
 
 import csv
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from train_helpers import TINY, cfg_of, cli, params
 
 from ham_rl.checkpoint import CheckpointError, load_checkpoint
-from ham_rl.config import CONFIG_DIR, ConfigError
+from ham_rl.config import ConfigError
 from ham_rl.evaluate import evaluate_run
 from ham_rl.runlog import METRICS_HEADER
 from ham_rl.train import TrainingStopped, train
-
-REPO = Path(__file__).resolve().parents[2]
-TINY = [
-    "agent.num_envs=4",
-    "agent.num_steps=16",
-    "agent.num_minibatches=2",
-    "agent.update_epochs=2",
-    "agent.embed_size=16",
-    "agent.head_size=16",
-    "memory.hidden_size=16",
-    "progress=false",
-    "tensorboard=false",
-]
-
-
-def cfg_of(*overrides):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=[*TINY, "torch_threads=1", *overrides])
-
-
-def params(run_dir):
-    return load_checkpoint(Path(run_dir) / "checkpoints" / "last.pt")["ppo"]["agent"]
 
 
 def test_run_dir_format(tmp_path):
@@ -156,27 +130,22 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert not (run / "summary.json").exists()
 
 
-def _cli(*args, cwd):
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-
-
 def test_cli_smoke_train_evaluate_and_errors(tmp_path):
     run = tmp_path / "cli_run"
-    p = _cli("-m", "ham_rl.train", "memory=gru", "total_timesteps=128", *TINY, f"run_dir={run}", cwd=tmp_path)
+    p = cli("-m", "ham_rl.train", "memory=gru", "total_timesteps=128", *TINY, f"run_dir={run}", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert json.loads((run / "summary.json").read_text())["global_step"] == 128
-    p = _cli("-m", "ham_rl.evaluate", str(run), "episodes=2", cwd=tmp_path)
+    p = cli("-m", "ham_rl.evaluate", str(run), "episodes=2", cwd=tmp_path)
     assert p.returncode == 0 and "mean return" in p.stdout, p.stderr
-    p = _cli("-m", "ham_rl.train", "env.id=popgym-Nope-v0", f"run_dir={tmp_path / 'bad'}", cwd=tmp_path)
+    p = cli("-m", "ham_rl.train", "env.id=popgym-Nope-v0", f"run_dir={tmp_path / 'bad'}", cwd=tmp_path)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "valid names" in p.stderr
     assert not (tmp_path / "bad" / "config.yaml").exists()
-    p = _cli("-m", "ham_rl.evaluate", str(tmp_path / "nowhere"), cwd=tmp_path)
+    p = cli("-m", "ham_rl.evaluate", str(tmp_path / "nowhere"), cwd=tmp_path)
     assert p.returncode == 2 and "not a ham_rl run directory" in p.stderr
 
 
 def test_cli_multirun_one_dir_per_job(tmp_path):
-    p = _cli(
+    p = cli(
         "-m",
         "ham_rl.train",
         "--multirun",
