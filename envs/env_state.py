@@ -8,8 +8,10 @@ data: custom objects (a deck of cards, a board) must already exist at the same p
 same class, and only their fields are set. The few value types it does create are plain containers, numpy arrays and
 numpy's own random generators. Shared references (a generator used by the env and by its deck) stay shared.
 
-An attribute of any other kind (a function, a file, a lock) makes the env unencodable (:class:`EnvStateError`); the
-vector env then restarts that env from a seed, with a warning, instead of failing the checkpoint.
+Functions and classes that the constructor stored are references, not state: the rebuilt env must hold the same one
+there. An attribute of any other kind (a bound method, a module, a file, a lock) makes the env unencodable
+(:class:`EnvStateError`); the vector env then restarts that env from a seed, with a warning, instead of failing the
+checkpoint.
 """
 
 from __future__ import annotations
@@ -65,7 +67,10 @@ class _Encoder:
             return obj
         if isinstance(obj, enum.Enum):
             return {"kind": "enum", "class": _class_name(obj), "name": obj.name}
-        if isinstance(obj, types.ModuleType | types.FunctionType | types.MethodType | type):
+        if isinstance(obj, types.FunctionType | types.BuiltinFunctionType | type):
+            # set by the constructor (a generator function, a class): the rebuilt env holds the same one
+            return {"kind": "rebuilt_ref", "name": f"{obj.__module__}.{obj.__qualname__}"}
+        if isinstance(obj, types.ModuleType | types.MethodType):
             raise EnvStateError(f"{path} is a {type(obj).__name__}, which has no plain-data form")
         if isinstance(obj, np.generic):
             return {"kind": "np_scalar", "dtype": obj.dtype.str, "value": obj.item()}
@@ -94,7 +99,11 @@ class _Encoder:
             return {"kind": "random_state", "ref": ref, "state": self.value(obj.get_state(legacy=False), f"{path}.state")}
         if isinstance(obj, list | tuple):
             items = [self.value(v, f"{path}[{i}]") for i, v in enumerate(obj)]
-            return {"kind": type(obj).__name__, "ref": ref, "items": items}
+            if type(obj) in (list, tuple):
+                return {"kind": type(obj).__name__, "ref": ref, "items": items}
+            if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a NamedTuple: rebuilt as the env's own class
+                return {"kind": "namedtuple", "ref": ref, "class": _class_name(obj), "items": items}
+            raise EnvStateError(f"{path} is a {type(obj).__name__}, which has no plain-data form")
         if isinstance(obj, dict):
             items = [[self.value(k, f"{path} key"), self.value(v, f"{path}[{k!r}]")] for k, v in obj.items()]
             return {"kind": "dict", "ref": ref, "items": items}
@@ -132,6 +141,11 @@ class _Decoder:
             if target is None:
                 raise EnvStateError(f"{path}: the rebuilt env has no space here")
             return target
+        if kind == "rebuilt_ref":  # a function or class the constructor set: kept only if the rebuilt env has the same
+            name = getattr(target, "__module__", None), getattr(target, "__qualname__", None)
+            if f"{name[0]}.{name[1]}" != data["name"]:
+                raise EnvStateError(f"{path}: the saved state refers to {data['name']}, the rebuilt env has {target!r}")
+            return target
         out = self._build(kind, data, target, path)
         return out
 
@@ -166,14 +180,18 @@ class _Decoder:
                 out.set_state(state)
             self.refs[ref] = out
             return out
-        if kind in ("list", "tuple"):
+        if kind in ("list", "tuple", "namedtuple"):
             items = data["items"]
+            if kind == "namedtuple" and (not isinstance(target, tuple) or _class_name(target) != data["class"]):
+                raise EnvStateError(f"{path}: the saved state holds a {data['class']}, the rebuilt env has {target!r}")
             old = target if isinstance(target, list | tuple) and len(target) == len(items) else [None] * len(items)
             out = []
             self.refs[ref] = out  # registered first: an item may refer back to its list
             out.extend(self.value(v, t, f"{path}[{i}]") for i, (v, t) in enumerate(zip(items, old, strict=True)))
             if kind == "tuple":
                 self.refs[ref] = out = tuple(out)
+            elif kind == "namedtuple":
+                self.refs[ref] = out = type(target)._make(out)
             return out
         if kind == "dict":
             old = target if isinstance(target, dict) else {}

@@ -1,4 +1,5 @@
-"""ham_rl.envs: names (aliases, gymnasium ids, module:EnvId), space encoders, vector env autoreset and features, exact state round trip."""
+"""ham_rl.envs: names (aliases, gymnasium ids, module:EnvId), space encoders, vector env autoreset and features,
+exact state round trip as plain data."""
 
 import numpy as np
 import pytest
@@ -122,3 +123,39 @@ def test_state_dict_round_trip_is_exact():
         np.testing.assert_array_equal(xa, xb)
         np.testing.assert_array_equal(ra, rb)
         assert fa == fb
+
+
+@pytest.mark.parametrize("alias", sorted(ENV_ALIASES))
+def test_state_round_trips_as_plain_data_for_every_preset(alias, tmp_path):
+    # Through torch.save and torch.load(weights_only=True): no pickled object, and the run continues exactly.
+    import torch
+
+    a = VecEnv(alias, 2, seed=3)
+    a.reset()
+    act_space = a.action_space
+    act_space.seed(0)
+    for _ in range(40):
+        a.step(np.stack([act_space.sample() for _ in range(2)]))
+    torch.save(a.state_dict(), tmp_path / "venv.pt")
+    b = VecEnv(alias, 2, seed=77)
+    assert b.load_state_dict(torch.load(tmp_path / "venv.pt", weights_only=True)) == []
+    for _ in range(60):
+        act = np.stack([act_space.sample() for _ in range(2)])
+        xa, ra, da, fa = a.step(act)
+        xb, rb, db, fb = b.step(act)
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ra, rb)
+        assert fa == fb
+
+
+def test_an_env_without_a_plain_data_state_restarts_with_a_warning():
+    a = VecEnv("popgym-repeat", 2, seed=0)
+    a.reset()
+    a.envs[1].unwrapped.callback = print.__self__  # a module: no plain-data form
+    state = a.state_dict()
+    assert state["envs"][1] is None and "callback is a module" in state["unsaved_reasons"][1]
+    b = VecEnv("popgym-repeat", 2, seed=0)
+    with pytest.warns(UserWarning, match=r"env 1 could not be restored .*callback is a module.*from seed 3"):
+        assert b.load_state_dict(state) == [1]
+    features, starts = b.current_features()
+    assert starts.tolist() == [a.current_features()[1][0], True] and (features[1, 4:] == 0).all()
