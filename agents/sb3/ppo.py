@@ -11,12 +11,15 @@ What changes against RecurrentPPO, and why:
   ``memory/kv_fraction`` and ``memory/threshold`` (``memory/critic_*`` for the critic's memory), with
   ``memory/kv_len_mean``, the mean cache length at episode end.
 
-``train()``, ``learn()``, ``save()`` and ``load()`` are RecurrentPPO's.
+``train()``, ``learn()`` and ``save()`` are RecurrentPPO's; ``load()`` rebuilds what SB3 stores pickled from plain data
+saved with the model, so loading a file never runs code from it (:mod:`ham_rl.agents.sb3.safe_load`).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, TypeVar
+import io
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch as th
@@ -29,12 +32,13 @@ from ham_rl.agents.sb3.policies import (
     HAMMultiInputActorCriticPolicy,
     clone_states,
 )
+from ham_rl.agents.sb3.safe_load import plain_model_data, safe_custom_objects
 from sb3_contrib import RecurrentPPO
 from sb3_contrib.common.recurrent.type_aliases import RNNStates
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import BasePolicy
-from stable_baselines3.common.type_aliases import MaybeCallback
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback
 from stable_baselines3.common.utils import FloatSchedule, obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 
@@ -146,6 +150,8 @@ class HAMRecurrentPPO(RecurrentPPO):
             n_envs=self.n_envs,
         )
 
+        # what load() rebuilds instead of unpickling (saved as plain JSON with the model)
+        self.ham_plain_data = plain_model_data(self)
         # Initialize schedules for policy/value clipping
         self.clip_range = FloatSchedule(self.clip_range)
         if self.clip_range_vf is not None:
@@ -379,6 +385,32 @@ class HAMRecurrentPPO(RecurrentPPO):
             reset_num_timesteps=reset_num_timesteps,
             progress_bar=progress_bar,
         )
+
+    @classmethod
+    def load(  # type: ignore[override]
+        cls: type[SelfHAMRecurrentPPO],
+        path: str | Path | io.BufferedIOBase,
+        env: GymEnv | None = None,
+        device: th.device | str = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        print_system_info: bool = False,
+        force_reset: bool = True,
+        trust_pickle: bool = False,
+        **kwargs: Any,
+    ) -> SelfHAMRecurrentPPO:
+        """
+        Load a saved model without unpickling anything from the file (SB3's own ``load`` would run a crafted file's code).
+
+        The entries SB3 stores pickled are rebuilt from the plain data saved with the model (see ``safe_load.py``);
+        ``custom_objects`` still overrides any of them. Arguments as ``BaseAlgorithm.load``, plus:
+
+        :param trust_pickle: unpickle entries that have no plain-data form (older files): only for files you trust
+        """
+        if not trust_pickle:
+            policies = {c.__name__: c for c in {*cls.policy_aliases.values(), HAMActorCriticPolicy}}
+            custom_objects = {**safe_custom_objects(path, policies), **(custom_objects or {})}
+        return super().load(path, env=env, device=device, custom_objects=custom_objects,
+                            print_system_info=print_system_info, force_reset=force_reset, **kwargs)  # fmt: skip
 
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "_episode_cache_lens"]

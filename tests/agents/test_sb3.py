@@ -164,6 +164,59 @@ def test_save_load_predict_same_actions(tmp_path):
     assert isinstance(states[0], MemoryState) and states[0].batch_size == 2
 
 
+class _Payload:
+    """Unpickling this creates the marker file: the canary of the safe-load test."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _replace_data(path, change) -> None:
+    """Rewrite the JSON ``data`` entry of an SB3 zip with ``change(data)`` applied."""
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    data = json.loads(members["data"])
+    change(data)
+    members["data"] = json.dumps(data).encode()
+    with zipfile.ZipFile(path, "w") as z:
+        for n, b in members.items():
+            z.writestr(n, b)
+
+
+@pytest.mark.parametrize("entry", ["policy_class", "observation_space", "_last_obs", "clip_range", "a_new_entry"])
+def test_load_never_unpickles_a_crafted_file(tmp_path, entry):
+    import base64
+
+    import cloudpickle
+
+    model = make_model("ham")
+    model.learn(128)
+    path = tmp_path / "model.zip"
+    model.save(path)
+    marker = tmp_path / "pwned"
+    payload = {":type:": "<class 'x'>", ":serialized:": base64.b64encode(cloudpickle.dumps(_Payload(marker))).decode()}
+    _replace_data(path, lambda data: data.__setitem__(entry, payload))
+    if entry == "a_new_entry":  # no plain-data replacement: refused, with the way out named
+        with pytest.raises(ValueError, match="`a_new_entry` is stored pickled.*trust_pickle=True"):
+            HAMRecurrentPPO.load(path, device="cpu")
+    else:
+        loaded = HAMRecurrentPPO.load(path, env=make_env(), device="cpu")
+        assert loaded.observation_space == model.observation_space and loaded.clip_range(1.0) == model.clip_range(1.0)
+        loaded.learn(128)  # rebuilt entries (the last observation) come back with the first rollout
+    assert not marker.exists()
+    try:  # the explicit opt-in is what unpickles (the payload then stands where SB3 expects a class or a space)
+        HAMRecurrentPPO.load(path, device="cpu", trust_pickle=True, custom_objects={"a_new_entry": None})
+    except Exception:  # noqa: BLE001 - only whether the payload ran matters here
+        pass
+    assert marker.exists() == (entry != "a_new_entry")
+
+
 def test_predict_leaves_state_unchanged_and_single_obs():
     model = make_model("ham")
     env = gym.make(ENV_ID)
