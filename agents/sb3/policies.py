@@ -195,6 +195,19 @@ class HAMActorCriticPolicy(RecurrentActorCriticPolicy):
         except TypeError as err:  # a memory's own constructor rejecting an argument
             raise ValueError(f"policy_kwargs memory={self.memory!r}, memory_kwargs={self.memory_kwargs!r}: {err}") from err
 
+    @classmethod
+    def load(cls, path: str, device: th.device | str = "auto", trust_pickle: bool = False) -> HAMActorCriticPolicy:
+        """
+        SB3's policy file is a full pickle (spaces, schedules, classes), so loading it can run code from the file:
+        refused unless ``trust_pickle=True``. ``HAMRecurrentPPO.save``/``load`` keep a model without that risk.
+        """
+        if not trust_pickle:
+            raise ValueError(
+                f"loading the policy file {path} would unpickle it (it could run code); save and load the model with "
+                "HAMRecurrentPPO.save/load instead, or pass trust_pickle=True for a file you trust"
+            )
+        return super().load(path, device)
+
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
         data.update(

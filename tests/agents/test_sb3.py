@@ -413,3 +413,13 @@ def test_adam_is_fused_unless_the_user_says_otherwise():
     assert plain.policy.optimizer.param_groups[0]["fused"] is False
     sgd = make_model("gru", optimizer_class=th.optim.SGD, optimizer_kwargs=dict(momentum=0.9))
     assert isinstance(sgd.policy.optimizer, th.optim.SGD)
+
+
+def test_policy_file_load_is_refused_unless_trusted(tmp_path):
+    model = make_model("ham")
+    model.policy.save(tmp_path / "policy.pth")
+    with pytest.raises(ValueError, match="would unpickle it.*trust_pickle=True"):
+        type(model.policy).load(tmp_path / "policy.pth")
+    loaded = type(model.policy).load(tmp_path / "policy.pth", device="cpu", trust_pickle=True)
+    for (name, p), (_, q) in zip(model.policy.state_dict().items(), loaded.state_dict().items(), strict=True):
+        th.testing.assert_close(p, q, msg=name)
