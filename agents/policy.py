@@ -154,13 +154,17 @@ class RecurrentActorCritic(nn.Module):
         y, _ = self.memory.step(self.encoder(x), state, start)
         return self.critic(y).squeeze(-1)
 
-    def evaluate_actions(self, x: Tensor, state: MemoryState, starts: Tensor, actions: Tensor):
+    def evaluate_actions(self, x: Tensor, state: MemoryState, starts: Tensor, actions: Tensor, context: int = 0):
         """Replay whole segments with one sequence call of the memory.
 
-        :param x: ``[n, T, feature_dim]``; state: the memory state of the n envs at segment start; starts ``[n, T]``
-        :param actions: ``[n, T, *action_shape]``
+        :param x: ``[n, context + T, feature_dim]``; state: the memory state of the n envs at segment start; starts
+            ``[n, context + T]``
+        :param actions: ``[n, T, *action_shape]``, the actions of the last T steps
+        :param context: leading steps replayed for the memory only (earlier steps of the episodes in progress, so the
+            gradient reaches them), without heads or losses
         :return: log-probs ``[n, T]``, entropies ``[n, T]``, values ``[n, T]``
         """
         y, _ = self.memory(self.encoder(x), state, starts)
+        y = y[:, context:]
         logp, ent = self.action_head.evaluate(self.actor(y), self.log_std, actions)
         return logp, ent, self.critic(y).squeeze(-1)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from ham_rl.agents.policy import RecurrentActorCritic
 from ham_rl.envs import VecEnv
-from torch import nn
+from torch import Tensor, nn
 
 from ham_rl.memory import MemoryState
 
@@ -68,6 +68,11 @@ class PPOConfig:
     """encoder output size (the memory's input size)"""
     head_size: int = 64
     """hidden width of the actor and critic heads"""
+    context_steps: int = 512
+    """the update replays each env row from the start of the episode in progress at the rollout start, up to this
+    many steps back, so the gradient from a step reaches every earlier step of its episode across rollout boundaries
+    (episodes up to context_steps + num_steps long); longer episodes replay from the stored state of the oldest kept
+    rollout (truncated BPTT). 0: every row from the state at its rollout start"""
 
     @classmethod
     def from_dict(cls, d: dict) -> PPOConfig:
@@ -92,6 +97,7 @@ class PPOConfig:
 
         for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "embed_size", "head_size"):
             need(is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "an int >= 1")
+        need(is_int(self.context_steps) and self.context_steps >= 0, "context_steps", "an int >= 0")
         need(self.learning_rate > 0 and np.isfinite(self.learning_rate), "learning_rate", "a finite float > 0")
         need(0.0 < self.gamma <= 1.0, "gamma", "in (0, 1]")
         need(0.0 <= self.gae_lambda <= 1.0, "gae_lambda", "in [0, 1]")
@@ -152,6 +158,8 @@ class PPO:
         self.state: MemoryState = agent.initial_state(B, device=self.device)
         self.ep_returns: deque[float] = deque(maxlen=100)
         self.ep_lengths: deque[int] = deque(maxlen=100)
+        # the last rollouts (whole ones, oldest first) for the episode context of the update, with their start states
+        self.context = EpisodeContext(cfg.context_steps, T, B, D, self.device)
 
     # ------------------------------------------------------------------------------------------------------------
     def collect_rollout(self) -> dict:
@@ -238,6 +246,7 @@ class PPO:
         b_actions = self.actions.transpose(0, 1)
         b_logprobs, b_values = self.logprobs.T, self.values.T
         b_advantages, b_returns = advantages.T, returns.T
+        has_state = bool(self.state0.rnn) or self.state0.cache is not None
         envs_per_mb = cfg.num_envs // cfg.num_minibatches
         clipfracs, approx_kls = [], []
         pg_loss = v_loss = entropy_loss = approx_kl = torch.zeros((), device=dev)
@@ -245,7 +254,9 @@ class PPO:
             perm = torch.randperm(cfg.num_envs)
             for start in range(0, cfg.num_envs, envs_per_mb):
                 mb = perm[start : start + envs_per_mb].to(dev)
-                newlogprob, entropy, newvalue = agent.evaluate_actions(b_obs[mb], self.state0[mb], b_starts[mb], b_actions[mb])
+                x, state, starts, context = self.context.rows(mb, b_obs, b_starts, self.state0, agent) if has_state else (
+                    b_obs[mb], self.state0[mb], b_starts[mb], 0)  # fmt: skip
+                newlogprob, entropy, newvalue = agent.evaluate_actions(x, state, starts, b_actions[mb], context)
                 logratio = newlogprob - b_logprobs[mb]
                 ratio = logratio.exp()
                 with torch.no_grad():
@@ -300,6 +311,7 @@ class PPO:
         rollout = self.collect_rollout()
         advantages, returns = self.compute_advantages()
         stats = self.train_step(advantages, returns)
+        self.context.push(self.obs, self.starts, self.state0)
         mem_stats = self.agent.memory.end_update()
         self.update += 1
         stats.update(
@@ -335,6 +347,7 @@ class PPO:
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             },
             "ppo_config": asdict(self.cfg),
+            "context": self.context.state_dict(),
         }
 
     def load_state_dict(self, data: dict) -> None:
@@ -352,6 +365,7 @@ class PPO:
             self.next_obs[restarted], self.next_start[restarted] = features[restarted], starts[restarted]
         self.ep_returns = deque(data["ep_returns"], maxlen=100)
         self.ep_lengths = deque(data["ep_lengths"], maxlen=100)
+        self.context.load_state_dict(data["context"])
         rng = data["rng"]
         torch.set_rng_state(rng["torch"])
         np.random.set_state(_numpy_rng_from_plain(rng["numpy"]))
@@ -379,3 +393,56 @@ def _python_rng_to_plain(state: tuple) -> list:
 def _python_rng_from_plain(data: list) -> tuple:
     version, internal, gauss_next = data
     return (version, tuple(internal), gauss_next)
+
+
+class EpisodeContext:
+    """The last rollouts' features and start flags, with the memory state at each of their starts.
+
+    A rollout boundary inside an episode would cut the gradient from a later step to an earlier one (a question to
+    its cue) if each row were replayed from the state stored at its rollout start. Instead, a minibatch's rows are
+    replayed from ``W0``, the earliest start of the episodes in progress at the rollout start: every row then has its
+    own episode start at or after ``W0``, so the state at ``W0`` does not matter and a fresh one is used. Where an
+    episode began more than ``context_steps`` (rounded up to whole rollouts) before, ``W0`` is the start of the oldest
+    kept rollout and its stored state is used: truncated BPTT for those episodes only.
+    """
+
+    def __init__(self, context_steps: int, num_steps: int, num_envs: int, feature_dim: int, device: torch.device):
+        self.num_steps, self.device = num_steps, device
+        self.max_rollouts = -(-context_steps // num_steps)  # ceil
+        self.obs = torch.zeros(0, num_envs, feature_dim, device=device)  # [L, B, D], L a multiple of num_steps
+        self.starts = torch.zeros(0, num_envs, dtype=torch.bool, device=device)
+        self.states: deque[MemoryState] = deque(maxlen=max(self.max_rollouts, 1))
+
+    def push(self, obs: np.ndarray, starts: np.ndarray, state0: MemoryState) -> None:
+        """Keep the rollout just trained on (features ``[T, B, D]``, starts ``[T, B]``, its start state)."""
+        if self.max_rollouts == 0:
+            return
+        most = self.max_rollouts * self.num_steps
+        self.obs = torch.cat([self.obs, torch.from_numpy(obs).to(self.device)])[-most:]
+        self.starts = torch.cat([self.starts, torch.from_numpy(starts).to(self.device)])[-most:]
+        self.states.append(state0)  # the deque keeps as many as the rollouts kept
+
+    def rows(self, mb: Tensor, b_obs: Tensor, b_starts: Tensor, state0: MemoryState, agent: RecurrentActorCritic):
+        """``(x [n, C + T, D], state at its first step, starts [n, C + T], C)`` for the env rows ``mb``."""
+        in_progress = torch.where(b_starts[mb, 0], 0, state0.episode_len[mb])  # steps of each row's episode so far
+        kept = len(self.obs)
+        context = min(int(in_progress.max()), kept)
+        if context == 0:
+            return b_obs[mb], state0[mb], b_starts[mb], 0
+        if int(in_progress.max()) > kept:  # an episode older than what is kept: from the oldest kept start state
+            context, state = kept, self.states[0][mb]
+        else:
+            state = agent.initial_state(len(mb), device=self.device)  # every row's episode starts inside the context
+        x = torch.cat([self.obs[kept - context :, mb].transpose(0, 1), b_obs[mb]], 1)
+        starts = torch.cat([self.starts[kept - context :, mb].transpose(0, 1), b_starts[mb]], 1)
+        return x, state, starts, context
+
+    def state_dict(self) -> dict:
+        """Tensors and plain data, for the checkpoint."""
+        return {"obs": self.obs, "starts": self.starts, "states": [s.state_dict() for s in self.states]}
+
+    def load_state_dict(self, data: dict) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self.obs, self.starts = data["obs"].to(self.device), data["starts"].to(self.device)
+        self.states.clear()
+        self.states.extend(MemoryState.from_state_dict(s).to(self.device) for s in data["states"])

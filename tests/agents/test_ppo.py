@@ -183,3 +183,52 @@ def test_final_features_of_a_truncated_episode():
     np.testing.assert_array_equal(venv.final_features[:, 3:5], [[0, 1], [1, 0]])
     np.testing.assert_allclose(venv.final_features[:, 5], r)
     assert (x[:, 3:] == 0).all()  # the returned features already start the next episode
+
+
+def _long_episode_env() -> str:
+    import gymnasium as gym
+    from tiny_env import RecallFirst
+
+    env_id = "ham_rl_test/RecallFirstLong-v0"
+    if env_id not in gym.registry:
+        gym.register(env_id, entry_point=RecallFirst, kwargs={"length": 41}, disable_env_checker=True)
+    return env_id
+
+
+def _update_rows(ppo: PPO):
+    """The first minibatch's replay inputs as the update builds them, for every env row."""
+    b_obs = torch.from_numpy(ppo.obs).transpose(0, 1)
+    b_starts = torch.from_numpy(ppo.starts).transpose(0, 1)
+    return ppo.context.rows(torch.arange(ppo.cfg.num_envs), b_obs, b_starts, ppo.state0, ppo.agent)
+
+
+@pytest.mark.parametrize("memory", ["gru", "ham", "attention", "gdn"])
+def test_gradient_reaches_the_cue_across_rollout_boundaries(memory):
+    # 40-step episodes, 16-step rollouts: the episode in progress at the 4th rollout began 8 steps before it, with the
+    # cue (the bit) at its first step. The loss at the rollout's last step must depend on that step's input.
+    ppo = _ppo(memory, _long_episode_env(), num_envs=2, num_steps=16, num_minibatches=1)
+    for _ in range(3):
+        ppo.iterate()
+    ppo.collect_rollout()
+    x, state, starts, context = _update_rows(ppo)
+    assert context == 8 and starts[:, 0].all()  # the replay begins at the episode start, 8 steps before the rollout
+    x = x.clone().requires_grad_()
+    _, _, value = ppo.agent.evaluate_actions(x, state, starts, ppo.actions.transpose(0, 1), context)
+    (grad,) = torch.autograd.grad(value[:, -1].sum(), x)
+    assert (grad[:, 0].abs().sum(-1) > 0).all()  # the cue step, in the previous rollout
+    # Truncated BPTT (context_steps=0) replays from the rollout start: the cue is not on any gradient path.
+    cut = _ppo(memory, _long_episode_env(), num_envs=2, num_steps=16, num_minibatches=1, context_steps=0)
+    for _ in range(3):
+        cut.iterate()
+    cut.collect_rollout()
+    assert _update_rows(cut)[3] == 0
+
+
+def test_episodes_longer_than_the_context_replay_from_the_oldest_kept_state():
+    ppo = _ppo("gru", _long_episode_env(), num_envs=2, num_steps=16, num_minibatches=1, context_steps=16)
+    for _ in range(2):
+        ppo.iterate()
+    ppo.collect_rollout()  # steps 32..47: the episode began 32 steps ago, only one rollout (16 steps) is kept
+    x, state, starts, context = _update_rows(ppo)
+    assert context == 16 and x.shape[1] == 32 and not starts[:, 0].any()
+    torch.testing.assert_close(state.rnn[0], ppo.context.states[0].rnn[0], rtol=0, atol=0)
