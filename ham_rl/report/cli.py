@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .plots import BANDS, memory_colors, plot_kv_tradeoff, plot_learning_curves, plot_steps_per_s
 from .runs import ReportError, find_runs
-from .tables import MemoryRow, env_filename, group_runs, summarize, write_csv, write_markdown
+from .tables import REACH, MemoryRow, env_filename, group_runs, summarize, write_csv, write_markdown
 
 __all__ = ["build_parser", "main", "write_report"]
 
@@ -32,17 +32,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("report"), help="output folder (default: ./report)")
     p.add_argument("--include-unfinished", action="store_true", help="also use runs without summary.json")
     p.add_argument("--band", choices=BANDS, default="ci95", help="learning-curve band across seeds (default: ci95)")
+    reach_help = f"returns whose env steps to first reach the tables report (default: {REACH[0]} {REACH[1]})"
+    p.add_argument("--reach", nargs=2, type=float, default=list(REACH), metavar=("LOW", "HIGH"), help=reach_help)
     return p
 
 
 def write_report(
-    paths: Sequence[str | Path], out: str | Path, include_unfinished: bool = False, band: str = "ci95"
+    paths: Sequence[str | Path],
+    out: str | Path,
+    include_unfinished: bool = False,
+    band: str = "ci95",
+    reach: Sequence[float] = REACH,
 ) -> tuple[dict[str, list[MemoryRow]], dict[str, list[Path]]]:
     """Write the report for the runs under `paths` into `out`; returns the table rows by env and the files by env."""
     runs = find_runs(paths, include_unfinished=include_unfinished)
+    table = summarize(runs, reach)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = summarize(runs)
     groups = group_runs(runs)
     colors = memory_colors([r.memory for r in runs])
     written: dict[str, list[Path]] = {}
@@ -81,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with warnings.catch_warnings():
         warnings.showwarning = show  # type: ignore[assignment]
         try:
-            table, written = write_report(args.paths, args.out, args.include_unfinished, args.band)
+            table, written = write_report(args.paths, args.out, args.include_unfinished, args.band, args.reach)
         except ReportError as e:
             raise SystemExit(f"{PROG}: error: {e}") from None
         except OSError as e:

@@ -116,6 +116,11 @@ class Run:
         finite = self.returns[np.isfinite(self.returns)]
         return float(finite.max()) if finite.size else math.nan
 
+    def steps_to(self, threshold: float) -> float:
+        """Env steps until ep_rew_mean (a running mean over 100 episodes) first reached ``threshold``; NaN if never."""
+        reached = np.flatnonzero(np.isfinite(self.returns) & (self.returns >= threshold))
+        return float(self.steps[reached[0]]) if reached.size else math.nan
+
     @property
     def final_return(self) -> float:
         """summary.json's final_return, else the last ep_rew_mean in metrics.csv."""

@@ -52,6 +52,17 @@ class MemoryRow:
     steps_per_s_mean: float
     steps_per_s_ci95: float
     num_params: float
+    reach_low: float
+    """the lower return threshold of the steps-to columns (REACH[0] unless the report was asked for others)"""
+    steps_to_low_mean: float
+    """env steps until the running return first reached reach_low, mean over the seeds that reached it"""
+    steps_to_low_ci95: float
+    reached_low: int
+    """how many seeds reached reach_low within their budget"""
+    reach_high: float
+    steps_to_high_mean: float
+    steps_to_high_ci95: float
+    reached_high: int
 
 
 def memory_sort_key(name: str) -> tuple[int, str]:
@@ -84,8 +95,22 @@ def _one_value(values: list[float], what: str, env: str, memory: str) -> float:
     return finite[-1] if finite else math.nan
 
 
-def summarize(runs: Sequence[Run]) -> dict[str, list[MemoryRow]]:
-    """Aggregate runs into one MemoryRow per (env, memory): MMER, final return, KV fraction, steps/s over seeds."""
+#: returns whose first crossing the tables report (env steps to reach them), e.g. 0.5 and 0.9 of a +-1 task
+REACH = (0.5, 0.9)
+
+
+def _reach(group: Sequence[Run], threshold: float) -> dict[str, float | int]:
+    steps = [r.steps_to(threshold) for r in group]
+    mean, ci, n = mean_ci([s for s in steps if math.isfinite(s)])
+    return {"mean": mean, "ci": ci, "n": n}
+
+
+def summarize(runs: Sequence[Run], reach: Sequence[float] = REACH) -> dict[str, list[MemoryRow]]:
+    """Aggregate runs into one MemoryRow per (env, memory): MMER, final return, KV fraction, steps/s and env steps to
+    reach the two returns of ``reach``, over seeds."""
+    if len(reach) != 2 or not all(math.isfinite(float(v)) for v in reach):
+        raise ReportError(f"reach must be two finite returns (low, high), got {list(reach)}")
+    low_at, high_at = sorted(float(v) for v in reach)
     table: dict[str, list[MemoryRow]] = {}
     for env, by_memory in group_runs(runs).items():
         rows = []
@@ -96,6 +121,7 @@ def summarize(runs: Sequence[Run]) -> dict[str, list[MemoryRow]]:
             if math.isnan(kv) and memory in KV_FRACTION_BY_DEFINITION:
                 kv, kv_ci = KV_FRACTION_BY_DEFINITION[memory], math.nan
             sps, sps_ci, _ = mean_ci([r.steps_per_s for r in group])
+            low, high = _reach(group, low_at), _reach(group, high_at)
             thresholds = {r.threshold for r in group if math.isfinite(r.threshold)}
             if len(thresholds) > 1:
                 msg = f"{env} / {memory}: seeds were trained at different memory.threshold {sorted(thresholds)}"
@@ -117,6 +143,14 @@ def summarize(runs: Sequence[Run]) -> dict[str, list[MemoryRow]]:
                     steps_per_s_mean=sps,
                     steps_per_s_ci95=sps_ci,
                     num_params=_one_value([r.num_params for r in group], "num_params", env, memory),
+                    reach_low=low_at,
+                    steps_to_low_mean=low["mean"],
+                    steps_to_low_ci95=low["ci"],
+                    reached_low=low["n"],
+                    reach_high=high_at,
+                    steps_to_high_mean=high["mean"],
+                    steps_to_high_ci95=high["ci"],
+                    reached_high=high["n"],
                 )
             )
         table[env] = rows
@@ -177,18 +211,37 @@ def _steps(row: MemoryRow) -> str:
     return budget
 
 
+def _count(steps: float) -> str:
+    """``1.25M``, ``354k``, ``9,600``: env step counts at a glance."""
+    if steps >= 1e6:
+        return f"{steps / 1e6:.2f}M"
+    return f"{steps / 1e3:,.0f}k" if steps >= 1e4 else f"{steps:,.0f}"
+
+
+def _steps_to(mean: float, half: float, reached: int, seeds: int) -> str:
+    """``120k ± 20k (3/3)``; ``not reached (0/3)``; the mean is over the seeds that reached the return."""
+    if reached == 0:
+        return f"not reached (0/{seeds})"
+    value = _count(mean) if math.isnan(half) else f"{_count(mean)} ± {_count(half)}"
+    return f"{value} ({reached}/{seeds})"
+
+
 def write_markdown(rows: Sequence[MemoryRow], path: Path) -> None:
     """Write rows as a markdown table under a heading naming the env, the best MMER in bold."""
     best = max((r.mmer_mean for r in rows if not math.isnan(r.mmer_mean)), default=math.nan)
+    low, high = (rows[0].reach_low, rows[0].reach_high) if rows else REACH
     lines = [
         f"## {rows[0].env}" if rows else "## (no runs)",
         "",
         "MMER: the maximum over training of the mean episodic return (POPGym's metric). Values are the mean over seeds",
         "± the 95% confidence half-width (Student t); a single seed shows no interval. KV fraction: cached tokens /",
         "tokens seen (— for memories without a cache). Steps: the budget, or 'reached of budget' when a seed stopped short.",
+        "Steps to R: env steps until the running mean return first reached R, mean ± 95% CI over the seeds that reached it",
+        "(how many did, in brackets); judge a memory by these, not by one budget's end point.",
         "",
-        "| memory | seeds | steps | MMER | final return | KV fraction | steps/s | parameters |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| memory | seeds | steps | MMER | final return | steps to {low:g} | steps to {high:g} | KV fraction | steps/s "
+        "| parameters |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         mmer = _pm(r.mmer_mean, r.mmer_ci95, ".3f")
@@ -198,7 +251,10 @@ def write_markdown(rows: Sequence[MemoryRow], path: Path) -> None:
         kv = _pm(r.kv_fraction_mean, r.kv_fraction_ci95, ".3f")
         sps = _pm(r.steps_per_s_mean, r.steps_per_s_ci95, ",.0f")
         final = _pm(r.final_return_mean, r.final_return_ci95, ".3f")
-        lines.append(f"| {r.memory} | {r.n_seeds} | {_steps(r)} | {mmer} | {final} | {kv} | {sps} | {params} |")
+        to_low = _steps_to(r.steps_to_low_mean, r.steps_to_low_ci95, r.reached_low, r.n_seeds)
+        to_high = _steps_to(r.steps_to_high_mean, r.steps_to_high_ci95, r.reached_high, r.n_seeds)
+        cells = [r.memory, str(r.n_seeds), _steps(r), mmer, final, to_low, to_high, kv, sps, params]
+        lines.append("| " + " | ".join(cells) + " |")
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)

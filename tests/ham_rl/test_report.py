@@ -194,9 +194,10 @@ def test_cli_writes_tables_and_plots(multirun: Path, tmp_path: Path, capsys: pyt
     assert (ham["memory"], float(ham["mmer_mean"]), ham["n_seeds"]) == ("ham", 2.0, "3")
     assert float(ham["mmer_ci95"]) == pytest.approx(2.484, abs=1e-3)
     md = (out / f"{ENV_A}.md").read_text()
-    assert "| ham | 3 | 400 | 2.000 ± 2.484 | 1.500 ± 2.484 | 0.300 ± 0.248 | 1,000 ± 248 | 5,000 |" in md
-    assert "| gru | 2 | 300 of 400 | 0.600 ± 1.271 |" in md
-    assert "| attention | 1 | 200 of 400 | **2.500** | 2.500 | 1.000 |" in md  # best MMER in bold; one seed, no interval
+    # steps to 0.5 and 0.9: ham's seeds first reach both at steps 300, 200, 200 (mean 233, t(0.975, 2) * 57.7 / 3 ** 0.5)
+    assert "| ham | 3 | 400 | 2.000 ± 2.484 | 1.500 ± 2.484 | 233 ± 143 (3/3) | 233 ± 143 (3/3) | 0.300 ± 0.248 |" in md
+    assert "| gru | 2 | 300 of 400 | 0.600 ± 1.271 | 0.375 ± 1.588 | 200 ± 0 (2/2) | not reached (0/2) |" in md
+    assert "| attention | 1 | 200 of 400 | **2.500** | 2.500 | 200 (1/1) | 200 (1/1) | 1.000 |" in md  # best MMER in bold
 
 
 @pytest.mark.parametrize(
