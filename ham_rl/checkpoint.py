@@ -185,6 +185,10 @@ def convert_legacy(path: str | os.PathLike, trust: bool = False) -> Path:
     version, internal, gauss_next = rng["python"]
     rng["python"] = [version, list(internal), gauss_next]
     ppo["ep_returns"], ppo["ep_lengths"] = [float(r) for r in ppo["ep_returns"]], [int(n) for n in ppo["ep_lengths"]]
+    num_envs, feature_dim = venv["features"].shape
+    # v1 runs kept no episode context: the first update after the conversion starts one
+    empty = {"obs": torch.zeros(0, num_envs, feature_dim), "starts": torch.zeros(0, num_envs, dtype=torch.bool), "states": []}
+    ppo.setdefault("context", empty)
     data.pop("format")
     return save_checkpoint(data, path)
 

@@ -146,6 +146,7 @@ def _as_legacy(data: dict) -> dict:
         v[name] = v[name].numpy()
     del v["seed"], v["unsaved_reasons"]
     ppo["venv"] = v
+    del ppo["context"]
     ppo["next_obs"], ppo["next_start"] = ppo["next_obs"].numpy(), ppo["next_start"].numpy()
     rng = dict(ppo["rng"])
     n = rng["numpy"]
