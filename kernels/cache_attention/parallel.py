@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from ham_rl.kernels.nonfinite import contain_attention, poison_attention
 from ham_rl.kernels.triton_utils import next_power_of_2
 from torch import Tensor
 
@@ -321,4 +322,6 @@ def parallel_cache_attention(
         scale_h = scale.detach().float().reshape(-1).expand(H).contiguous().to(q.device)
     else:
         scale_h = torch.full((H,), float(scale), dtype=torch.float32, device=q.device)
-    return ParallelCacheAttentionFunction.apply(q, keys, values, visible, scale_h, block_m, block_n)
+    # The kernels never see a non-finite number: 0 weights times a NaN value in tl.dot would be NaN (nonfinite.py).
+    (q, keys, values), masks = contain_attention(q, keys, values, visible)
+    return poison_attention(ParallelCacheAttentionFunction.apply(q, keys, values, visible, scale_h, block_m, block_n), masks)

@@ -2,13 +2,15 @@
 
 In HAM's sequence form the candidate entries of env b are the cache carried in from before the segment
 followed by the segment's own tokens; ``visible[b, t, s]`` says whether entry s is in env b's cache at step t
-(same episode, routed, not evicted, written at or before t). A token that sees nothing gets 0, never NaN.
+(same episode, routed, not evicted, written at or before t). A token that sees nothing gets 0, never NaN; a
+token gets NaN exactly when its query or an entry it sees is not finite (``ham_rl.kernels.nonfinite``).
 """
 
 from __future__ import annotations
 
 import torch
 from ham_rl.kernels.gated_delta_rule.reference import accumulation_dtype
+from ham_rl.kernels.nonfinite import contain_attention, poison_attention
 from torch import Tensor
 
 __all__ = ["masked_cache_attention", "masked_softmax"]
@@ -37,10 +39,12 @@ def masked_cache_attention(
     Returns:
         ``o [B, T, H, V]`` in ``q.dtype`` (computed in float32, or float64); rows with nothing visible are 0.
     """
-    acc = accumulation_dtype(q.dtype)
+    acc, dtype = accumulation_dtype(q.dtype), q.dtype
+    # A weight of 0 times a NaN value is NaN: bad entries are zeroed, the queries that see them set to NaN after.
+    (q, keys, values), masks = contain_attention(q, keys, values, visible, force=True)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if isinstance(scale, Tensor):
         scale = scale.to(acc)[:, None, None]  # [H] -> [H, 1, 1], broadcast over [B, H, T, S]
     logits = torch.einsum("bthk,bshk->bhts", q.to(acc), keys.to(acc)) * scale  # [B, H, T, S]
     weights = masked_softmax(logits, visible[:, None], dim=-1)  # mask [B, 1, T, S]
-    return torch.einsum("bhts,bshv->bthv", weights, values.to(acc)).to(q.dtype)
+    return poison_attention(torch.einsum("bhts,bshv->bthv", weights, values.to(acc)).to(dtype), masks)

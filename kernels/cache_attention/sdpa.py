@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from ham_rl.kernels.gated_delta_rule.reference import accumulation_dtype
+from ham_rl.kernels.nonfinite import contain_attention, poison_attention
 from torch import Tensor
 
 __all__ = ["sdpa_cache_attention"]
@@ -19,7 +20,9 @@ def sdpa_cache_attention(
     q: Tensor, keys: Tensor, values: Tensor, visible: Tensor, scale: float | Tensor | None = None
 ) -> Tensor:
     """Arguments and return as ``masked_cache_attention``; rows with nothing visible are 0."""
-    acc = accumulation_dtype(q.dtype)
+    acc, dtype = accumulation_dtype(q.dtype), q.dtype
+    # SDPA adds its mask as -inf (NaN + -inf is NaN) and multiplies 0 weights by NaN values: no non-finite input enters.
+    (q, keys, values), masks = contain_attention(q, keys, values, visible)
     if isinstance(scale, Tensor):  # a per-head scale folds into q: SDPA takes one float
         q, scale = q * scale.to(q.dtype)[:, None], 1.0
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -32,4 +35,4 @@ def sdpa_cache_attention(
     ).transpose(1, 2)
     # torch >= 2.5 already returns 0 for a row that sees nothing; older builds return NaN there, so zero it anyway.
     anything = visible.any(-1)[..., None, None]  # [B, T, 1, 1]
-    return torch.where(anything, o, torch.zeros((), dtype=o.dtype, device=o.device)).to(q.dtype)
+    return poison_attention(torch.where(anything, o, torch.zeros((), dtype=o.dtype, device=o.device)).to(dtype), masks)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from ham_rl.kernels.nonfinite import contain_delta_rule, delta_rule_grads, output_grads, poison_delta_rule
 from ham_rl.kernels.triton_utils import next_power_of_2
 from torch import Tensor
 
@@ -297,18 +298,21 @@ def chunk_gated_delta_rule_bwd(q, k, v, beta, g, starts, hs, do, dvhat, dht, sca
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, g, starts, initial_state, scale, chunk_size):
+        ctx.h0_dtype = None if initial_state is None else initial_state.dtype
+        # The kernels never see a non-finite number: a masked 0 inside tl.dot would carry it to the whole chunk.
+        (q, k, v, beta, g, initial_state), ctx.masks = contain_delta_rule(q, k, v, beta, g, starts, initial_state)
         q, k, v, beta, g = (t.contiguous() for t in (q, k, v, beta, g))
         starts = None if starts is None else starts.to(torch.int32).contiguous()
         h0 = None if initial_state is None else initial_state.float().contiguous()
         o, vhat, ht, hs = chunk_gated_delta_rule_fwd(q, k, v, beta, g, starts, h0, scale, chunk_size)
         ctx.save_for_backward(q, k, v, beta, g, starts, hs)
         ctx.scale, ctx.chunk_size = scale, chunk_size
-        ctx.h0_dtype = None if initial_state is None else initial_state.dtype
-        return o, vhat, ht
+        return poison_delta_rule(o, vhat, ht, ctx.masks)
 
     @staticmethod
     def backward(ctx, do, dvhat, dht):
         q, k, v, beta, g, starts, hs = ctx.saved_tensors
+        do, dvhat, dht = output_grads(do, dvhat, dht, ctx.masks)
         do = torch.zeros_like(v) if do is None else do.contiguous()
         dvhat = torch.zeros_like(v) if dvhat is None else dvhat.contiguous()
         dht = None if dht is None else dht.float().contiguous()
@@ -316,7 +320,9 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
             q, k, v, beta, g, starts, hs, do, dvhat, dht, ctx.scale, ctx.chunk_size
         )
         dh0 = None if ctx.h0_dtype is None else dh0.to(ctx.h0_dtype)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), dg.to(g.dtype), None, dh0, None, None
+        grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), dg.to(g.dtype), dh0)
+        dq, dk, dv, dbeta, dg, dh0 = delta_rule_grads(grads, ctx.masks)
+        return dq, dk, dv, dbeta, dg, None, dh0, None, None
 
 
 def chunk_gated_delta_rule(

@@ -3,7 +3,8 @@
 Same arguments, defaults and return tuple as ``naive_recurrent_gated_delta_rule``; autograd runs through plain
 torch ops (``torch.linalg.solve_triangular`` included). ``README.md`` beside this file derives it. The forward,
 ``chunked_forward``, is shared with ``torch_chunk.py`` (the CPU path), which runs it without autograd and keeps
-its intermediates for a hand-written backward.
+its intermediates for a hand-written backward. The masks below are zeros inside matmuls, where 0 * NaN is NaN, so
+non-finite inputs are sanitised first and their episode's outputs set to NaN afterwards (``ham_rl.kernels.nonfinite``).
 Per chunk of C tokens with entering state S0 (``[K, V]`` per head), chunk-local cumulative log decay G, and
 ``same[i, j]`` true when tokens i and j lie in the same episode (resets come from a cumsum of ``starts``, never
 from ``-inf`` log decays)::
@@ -24,6 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from ham_rl.kernels.gated_delta_rule.reference import accumulation_dtype
+from ham_rl.kernels.nonfinite import contain_delta_rule, poison_delta_rule
 from torch import Tensor
 
 __all__ = ["naive_chunk_gated_delta_rule", "chunked_forward", "ChunkedForward", "DEFAULT_CPU_CHUNK_SIZE"]
@@ -113,14 +115,14 @@ def chunked_forward(
     kk = k_ @ k_.transpose(-1, -2)
     qk = q_ @ k_.transpose(-1, -2)
     akk, aqk = kk * gs, qk * gam
-    e0 = (ep == 0) * G.exp()  # [B, H, NT, C]: decay from the chunk start, 0 after a reset
+    e0 = torch.where(ep == 0, G.exp(), 0.0)  # [B, H, NT, C]: decay from the chunk start, 0 after a reset
     # Everything that does not depend on S0, for all chunks at once.
     eye = torch.eye(C, dtype=acc, device=q.device)
     X = torch.linalg.solve_triangular(torch.addcmul(eye, beta_[..., None], akk), eye, upper=False, unitriangular=True)
     u0 = X @ (beta_[..., None] * v_)
     w = X @ ((beta_ * e0)[..., None] * k_)
-    w_end = same[..., -1, :] * (G[..., -1:] - G).exp()  # [B, H, NT, C]: token j in the chunk's last episode
-    d_end = (ep[..., -1] == 0) * G[..., -1].exp()  # [B, H, NT]
+    w_end = torch.where(same[..., -1, :], (G[..., -1:] - G).exp(), 0.0)  # [B, H, NT, C]: token j in the last episode
+    d_end = torch.where(ep[..., -1] == 0, G[..., -1].exp(), 0.0)  # [B, H, NT]
     k_end = k_ * w_end[..., None]
     # Only the state recursion is sequential: U_c = U0_c - w_c S_c, S_{c+1} = d_end S_c + k_end^T U_c. It keeps
     # each chunk's entering state, and the readouts of all chunks follow in a few batched products.
@@ -170,6 +172,7 @@ def naive_chunk_gated_delta_rule(
     Returns:
         ``(o [B, T, H, V], v_hat [B, T, H, V], final_state [B, H, K, V])`` as the naive recurrent form.
     """
+    dtype, T = q.dtype, q.shape[1]
+    (q, k, v, beta, g, initial_state), masks = contain_delta_rule(q, k, v, beta, g, starts, initial_state)
     out = chunked_forward(q, k, v, beta, g, starts, initial_state, scale, chunk_size)
-    T = q.shape[1]
-    return unchunk(out.o, T).to(q.dtype), unchunk(out.v_hat, T).to(q.dtype), out.state
+    return poison_delta_rule(unchunk(out.o, T).to(dtype), unchunk(out.v_hat, T).to(dtype), out.state, masks)

@@ -73,11 +73,12 @@ def naive_recurrent_gated_delta_rule(
     acc = accumulation_dtype(dtype)
     q, k, v, beta, g = (t.to(acc) for t in (q, k, v, beta, g))
     state = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(acc)
-    keep = None if starts is None else (~starts.bool()).float()  # [B, T]
+    starts = None if starts is None else starts.bool()
     outs, preds = [], []
     for t in range(T):
-        if keep is not None:
-            state = state * keep[:, t, None, None, None]
+        if starts is not None:
+            # Select, not multiply by a keep mask: NaN * 0 is NaN, so a finished episode's NaN would survive the reset.
+            state = torch.where(starts[:, t, None, None, None], 0.0, state)
         o, v_hat, state = gated_delta_rule_step(q[:, t], k[:, t], v[:, t], beta[:, t], g[:, t], state, scale)
         outs.append(o)
         preds.append(v_hat)

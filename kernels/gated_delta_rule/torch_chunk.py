@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from ham_rl.kernels.gated_delta_rule.naive_chunk import DEFAULT_CPU_CHUNK_SIZE, chunked_forward, chunks, unchunk
+from ham_rl.kernels.nonfinite import contain_delta_rule, delta_rule_grads, output_grads, poison_delta_rule
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -30,18 +31,22 @@ class TorchChunkGatedDeltaRuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, g, starts, initial_state, scale, chunk_size):
         ctx.set_materialize_grads(False)  # unused outputs (v_hat in training, the final state) cost nothing
+        T, dtypes = q.shape[1], [t.dtype for t in (q, k, v, beta, g)]
+        ctx.meta = (T, scale, dtypes, initial_state is not None,
+                    initial_state.dtype if initial_state is not None else None)  # fmt: skip
+        # Non-finite inputs never enter the chunk algebra (its masks are zeros inside matmuls): see nonfinite.py.
+        (q, k, v, beta, g, initial_state), ctx.masks = contain_delta_rule(q, k, v, beta, g, starts, initial_state)
         out = chunked_forward(q, k, v, beta, g, starts, initial_state, scale, chunk_size)
         ctx.save_for_backward(*out[3:])
-        T = q.shape[1]
-        ctx.meta = (T, scale, [t.dtype for t in (q, k, v, beta, g)], initial_state is not None,
-                    initial_state.dtype if initial_state is not None else None)  # fmt: skip
-        return unchunk(out.o, T).to(q.dtype), unchunk(out.v_hat, T).to(q.dtype), out.state
+        o, v_hat = unchunk(out.o, T).to(dtypes[0]), unchunk(out.v_hat, T).to(dtypes[0])
+        return poison_delta_rule(o, v_hat, out.state, ctx.masks)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dvhat, dht):
         q_, k_, v_, beta_, gam, gs, kk, qk, akk, aqk, e0, X, w, U, ks, qs, S, k_end, w_end, d_end = ctx.saved_tensors
         T, scale, dtypes, has_h0, h0_dtype = ctx.meta
+        do, dvhat, dht = output_grads(do, dvhat, dht, ctx.masks)
         B, H, NT, C, K = k_.shape
         V = v_.shape[-1]
         acc = k_.dtype
@@ -122,7 +127,8 @@ class TorchChunkGatedDeltaRuleFunction(torch.autograd.Function):
         dg = dG.flip(-1).cumsum(-1).flip(-1)  # G is a cumsum of g inside the chunk
         dh0 = ds.reshape(B, H, K, V).to(h0_dtype) if want_dh0 else None
         grads = [unchunk(t, T).to(dt) for t, dt in zip((dq, dk, dr, dbeta, dg), dtypes, strict=True)]
-        return (*grads, None, dh0, None, None)
+        dq, dk, dv, dbeta, dg, dh0 = delta_rule_grads((*grads, dh0), ctx.masks)
+        return dq, dk, dv, dbeta, dg, None, dh0, None, None
 
 
 def torch_chunk_gated_delta_rule(

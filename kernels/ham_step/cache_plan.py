@@ -120,7 +120,7 @@ def _plan_with_capacity(
     slot_idx = torch.arange(width, device=device)
     visible = torch.zeros(B, T, n_cand + 1, dtype=torch.bool, device=device)  # last column swallows "nothing"
     for t in range(T):
-        length = length * ~starts[:, t]
+        length = torch.where(starts[:, t], 0, length)
         slot, stored, length = choose_slot(slot_score, slot_time, length, score[:, t], routed[:, t], capacity)
         slot_source[rows, slot] = torch.where(stored, L0 + t, slot_source[rows, slot])
         slot_score[rows, slot] = torch.where(stored, score[:, t].to(slot_score.dtype), slot_score[rows, slot])
@@ -133,11 +133,19 @@ def _plan_with_capacity(
 
 
 @torch.no_grad()
-def seen_candidates(visible: Tensor) -> tuple[Tensor, Tensor]:
-    """The candidates some token sees, per env: ``(index [B, S'], visible [B, T, S'])`` with ``S' <= S``.
+def seen_candidates(visible: Tensor, multiple: int = 16) -> tuple[Tensor, Tensor]:
+    """The candidates some token sees, per env: ``(index [B, S'], visible [B, T, S'])``, S' a multiple of ``multiple``.
 
     HAM caches a few percent of the tokens, so most candidate columns are never visible; attending over the
     columns in use (padded to the env that uses most) makes the attention cost follow the cache, not T.
+    The width is rounded up to a multiple of 16 with invisible columns: torch's attention sums a row in a lane order
+    that depends on the width's remainder, so one env's routing (a bad input is never routed) would otherwise move
+    the other envs' outputs by round-off; at multiples of 16 they come out bitwise the same.
     """
     index, _ = _chosen_first(visible.any(1))  # used columns first, in order
-    return index, visible.gather(2, index[:, None, :].expand(-1, visible.shape[1], -1))
+    pad = -index.shape[1] % multiple
+    index = torch.nn.functional.pad(index, (0, pad))  # candidate 0 again, hidden below
+    seen = visible.gather(2, index[:, None, :].expand(-1, visible.shape[1], -1))
+    if pad:
+        seen[..., -pad:] = False
+    return index, seen

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from ham_rl.kernels.cache_attention.reference import masked_softmax
 from ham_rl.kernels.gated_delta_rule.reference import accumulation_dtype, gated_delta_rule_step
+from ham_rl.kernels.nonfinite import all_finite, zero_rows
 from torch import Tensor
 
 __all__ = ["ham_step", "surprise_score", "choose_slot"]
@@ -53,6 +54,20 @@ def choose_slot(
     stored = routed & (~full | (score >= min_score))
     slot = torch.where(stored & full, victim, length)
     return slot, stored, length + (stored & ~full).long()
+
+
+def _weighted_values(weights: Tensor, values: Tensor, valid: Tensor) -> Tensor:
+    """``sum_l weights[b, l, h] values[b, l, h]`` over the valid slots: ``[B, L, H]``, ``[B, L, H, V]`` -> ``[B, H, V]``.
+
+    Slots past an env's length may hold anything, a finished episode's NaN too, and a weight of 0 times NaN is NaN,
+    so they are selected out. On CPU that select (where() with a broadcast mask, ~4x a multiply) runs only when the
+    plain weighted sum comes out non-finite, which a valid NaN entry also makes it.
+    """
+    if values.device.type == "cpu":
+        o = (weights[..., None] * values).sum(1)
+        if all_finite(o):
+            return o
+    return (weights[..., None] * torch.where(valid[..., None, None], values, 0.0)).sum(1)
 
 
 def ham_step(
@@ -101,12 +116,12 @@ def ham_step(
     """
     B, H, K = q.shape
     acc = accumulation_dtype(q.dtype)
-    keep = ~start
-    length = length * keep
+    # Resets select, never multiply: NaN * 0 is NaN, so a finished episode's NaN would survive a multiply.
+    length = torch.where(start, 0, length)
     o = q.new_zeros(B, H, v.shape[-1], dtype=acc)
     score = q.new_ones(B, dtype=acc)
     if use_rnn:
-        rnn_state = rnn_state * keep[:, None, None, None]
+        rnn_state = zero_rows(rnn_state, start)
         o_rnn, v_hat, rnn_state = gated_delta_rule_step(*(t.to(acc) for t in (q, k, v, beta, g, rnn_state)))
         score = surprise_score(v_hat, v)
         o = o + gate_rnn[..., None].to(acc) * o_rnn
@@ -127,6 +142,6 @@ def ham_step(
         # Multiply-and-sum in the cache's own [B, L, H, .] layout: an einsum would copy the whole cache per step.
         logits = (keys.to(acc) * q.to(acc)[:, None]).sum(-1) * scale  # [B, L, H]
         weights = masked_softmax(logits, valid[..., None], dim=1)
-        o_kv = (weights[..., None] * values.to(acc)).sum(1)  # [B, H, V]
+        o_kv = _weighted_values(weights, values.to(acc), valid)
         o = o + gate_attn[..., None].to(acc) * o_kv
     return o, rnn_state, length, score, routed
