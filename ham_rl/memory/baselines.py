@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ham_rl.kernels.nonfinite import zero_rows
 from ham_rl.memory.base import Memory
 from ham_rl.memory.state import MemoryState
 
@@ -16,6 +17,11 @@ def _segments(starts: Tensor) -> list[tuple[int, int]]:
     T = starts.shape[1]
     cuts = [0] + [t for t in starts.any(0).nonzero().flatten().tolist() if t > 0] + [T]
     return list(zip(cuts[:-1], cuts[1:], strict=False))
+
+
+def _reset(hidden: tuple[Tensor, ...], start: Tensor) -> tuple[Tensor, ...]:
+    """Zero the hidden state of the envs that start an episode; selected, as NaN * 0 would keep a finished episode's NaN."""
+    return tuple(zero_rows(h, start) for h in hidden)
 
 
 class _TorchRNNMemory(Memory):
@@ -41,14 +47,12 @@ class _TorchRNNMemory(Memory):
         hidden, ys = state.rnn, []
         # Every env shares the cut points, so one fused call covers all envs between two reset steps.
         for t0, t1 in _segments(starts):
-            keep = (~starts[:, t0]).to(x.dtype)[:, None]
-            y, hidden = self._run(x[:, t0:t1], tuple(h * keep for h in hidden))
+            y, hidden = self._run(x[:, t0:t1], _reset(hidden, starts[:, t0]))
             ys.append(y)
         return torch.cat(ys, 1), MemoryState(rnn=hidden, cache=None, episode_len=state.episode_len)
 
     def _step(self, x, state, start, steps):
-        keep = (~start).to(x.dtype)[:, None]
-        y, hidden = self._run(x[:, None], tuple(h * keep for h in state.rnn))
+        y, hidden = self._run(x[:, None], _reset(state.rnn, start))
         return y[:, 0], MemoryState(rnn=hidden, cache=None, episode_len=state.episode_len)
 
 

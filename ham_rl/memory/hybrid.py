@@ -353,18 +353,20 @@ class HybridMemory(Memory):
         p, history = self._project(x[:, None], history, steps[:, None])
         p = {name: t[:, 0] for name, t in p.items()}  # [B, 1, ...] -> [B, ...]
         B, H, d = x.shape[0], self.num_heads, self.head_dim
-        cache = state.cache
+        cache, need = state.cache, 1
         if cache is None:  # gdn: a stand-in cache the step op never touches
-            cache = KVCache.empty(B, H, d, d, 1, x.device, x.dtype)
+            cache = KVCache.empty(B, H, d, d, need, x.device, x.dtype)
         else:
-            need = int(cache.length.max()) + 1
-            cache = cache.reserve(min(need, self.capacity + 1) if self.capacity else need)
+            need = min(int(cache.length.max()) + 1, self.capacity + 1 if self.capacity else math.inf)
+            cache = cache.reserve(need)
+        # Only the slots an env can use now, as views (writes land in the cache): spare allocation is never read.
+        used = [t[:, :need] for t in (cache.keys, cache.values, cache.scores, cache.times)]
         rnn = S if self.use_rnn else x.new_zeros(B, H, d, d)
         zeros = x.new_zeros(B, H)
         o, rnn_new, length, score, routed = ham_step(
             p["q"], p["k"], p["v"], p.get("beta", zeros), p.get("g", zeros),
             p.get("gate_rnn", zeros), p.get("gate_attn", zeros), rnn,
-            cache.keys, cache.values, cache.scores, cache.times, cache.length,
+            *used, cache.length,
             start, steps, float(self.tau), self.capacity, p.get("router"),
             self.use_rnn, self.use_attention, self.attn_log_scale.exp() if self.use_attention else None,
         )  # fmt: skip
