@@ -23,7 +23,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from ham_rl.memory.state import MemoryState
+from ham_rl.memory.state import KVCache, MemoryState
 
 __all__ = ["Memory", "TimeEmbedding", "episode_steps", "forward_group"]
 
@@ -77,6 +77,16 @@ def _check_positive_int(name: str, value: object) -> int:
     return value
 
 
+#: what each cache tensor must be, for the state check's message
+_CACHE_LAYOUT = {
+    "keys": "[B, slots, num_heads, head_dim]",
+    "values": "[B, slots, num_heads, head_dim]",
+    "scores": "[B, slots]",
+    "times": "long [B, slots]",
+    "length": "long [B]",
+}
+
+
 class Memory(nn.Module):
     """Base class: input checks, episode-step bookkeeping and the time feature.
 
@@ -106,6 +116,18 @@ class Memory(nn.Module):
 
     def _step(self, x: Tensor, state: MemoryState, start: Tensor, steps: Tensor) -> tuple[Tensor, MemoryState]:
         raise NotImplementedError
+
+    def _rnn_spec(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """``(name [layout], shape after the batch dim)`` of each tensor ``state.rnn`` holds, for the state check."""
+        return ()
+
+    def _cache_dims(self) -> tuple[int, int, int] | None:
+        """``(heads, key dim, value dim)`` of the KV cache entries, or None for a memory without a cache."""
+        return None
+
+    def _describe(self) -> str:
+        """The memory and the options its state's shapes follow from, for error messages."""
+        return f"{type(self).__name__}(hidden_size={self.hidden_size})"
 
     # -- threshold interface (memories with a router override) ---------------------------------------------
     @property
@@ -176,11 +198,19 @@ class Memory(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} runs grouped memories one by one")
 
     def _check(self, x: Tensor, state: MemoryState, starts: Tensor, sequence: bool) -> None:
+        # Runs every rollout step: shape and dtype comparisons only, never a reduction over a tensor.
         name, dims = ("starts", "[B, T]") if sequence else ("start", "[B]")
         x_dims = "[B, T, input_size]" if sequence else "[B, input_size]"
         if not isinstance(x, Tensor) or x.dim() != (3 if sequence else 2) or x.shape[-1] != self.input_size:
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"`x` must have shape {x_dims} with input_size={self.input_size}, got {got}")
+        dtype, spec, cache_dims = self._layout()
+        if x.dtype != dtype and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
+            raise ValueError(
+                f"`x` must have the dtype of the memory's parameters, {dtype}, got {x.dtype}; pass `x.to({dtype})`"
+            )
+        if sequence and x.shape[1] == 0:
+            raise ValueError(f"`x` must hold at least one step (T >= 1), got T=0 in shape {tuple(x.shape)}")
         if not isinstance(starts, Tensor) or starts.dtype != torch.bool:
             got = starts.dtype if isinstance(starts, Tensor) else type(starts).__name__
             raise ValueError(f"`{name}` must be a bool tensor of shape {dims}, got dtype {got}; pass `{name}.bool()`")
@@ -189,3 +219,76 @@ class Memory(nn.Module):
         if not isinstance(state, MemoryState) or state.batch_size != x.shape[0]:
             got = state.batch_size if isinstance(state, MemoryState) else type(state).__name__
             raise ValueError(f"`state` must be a MemoryState for B={x.shape[0]} envs, got {got}")
+        self._check_state(state, x, spec, cache_dims)
+
+    def _layout(self) -> tuple[torch.dtype, tuple[tuple[str, tuple[int, ...]], ...], tuple[int, int, int] | None]:
+        """``(parameters' dtype, _rnn_spec(), _cache_dims())``, cached: the step form checks against them every call."""
+        key = self._layout_key()
+        cached = self.__dict__.get("_cached_layout")
+        if cached is None or cached[0] != key:
+            cached = (key, (next(self.parameters()).dtype, self._rnn_spec(), self._cache_dims()))
+            self.__dict__["_cached_layout"] = cached
+        return cached[1]
+
+    def _layout_key(self) -> tuple:
+        """The attributes ``_rnn_spec`` reads that may change after construction (the dtype: see ``_apply``)."""
+        return ()
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_cached_layout", None)  # .to(), .double(), .cuda() may change the parameters' dtype
+        return super()._apply(fn, *args, **kwargs)
+
+    def _check_state(self, state: MemoryState, x: Tensor, spec: tuple, cache_dims: tuple[int, int, int] | None) -> None:
+        """``state`` holds the tensors this memory's configuration makes, in their shapes (another memory's does not)."""
+        B, episode_len, rnn, cache = x.shape[0], state.episode_len, state.rnn, state.cache
+        ok = episode_len.dtype == torch.long and episode_len.dim() == 1 and episode_len.device == x.device
+        ok = ok and type(rnn) is tuple and len(rnn) == len(spec) and (cache is None) == (cache_dims is None)
+        for (_, shape), t in zip(spec, rnn, strict=False) if ok else ():  # equal lengths when ok
+            ok = ok and isinstance(t, Tensor) and t.is_floating_point() and t.shape == (B, *shape)
+        if not ok:
+            self._raise_state_error(state, x, spec, cache_dims)
+        if cache is not None:
+            self._check_cache(cache, B, cache_dims)
+
+    def _raise_state_error(self, state: MemoryState, x: Tensor, spec: tuple, cache_dims: tuple[int, int, int] | None) -> None:
+        """Say what ``_check_state`` found wrong, in one line."""
+        B, episode_len, me = x.shape[0], state.episode_len, self._describe
+        if episode_len.dtype != torch.long or episode_len.dim() != 1:
+            got = f"{episode_len.dtype} {tuple(episode_len.shape)}"
+            raise ValueError(f"`state.episode_len` must be a long tensor of shape [B], got {got}")
+        if episode_len.device != x.device:
+            where = str(x.device)
+            raise ValueError(
+                f"`state` must be on the device of `x`, {where}, got {episode_len.device}; pass `state.to({where!r})`"
+            )
+        if not isinstance(state.rnn, tuple) or len(state.rnn) != len(spec):
+            want = ", ".join(n for n, _ in spec) or "none"
+            got = len(state.rnn) if isinstance(state.rnn, tuple) else type(state.rnn).__name__
+            raise ValueError(
+                f"`state.rnn` must hold {len(spec)} tensor(s) ({want}) for {me()}, got {got}; another memory's state?"
+            )
+        for i, ((what, shape), t) in enumerate(zip(spec, state.rnn, strict=True)):
+            if not isinstance(t, Tensor) or not t.is_floating_point() or t.shape != (B, *shape):
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(
+                    f"`state.rnn[{i}]` ({what}) must be a float tensor of shape {(B, *shape)} for {me()}, got {got}"
+                )
+        if cache_dims is None:
+            raise ValueError(f"`state.cache` must be None: {me()} keeps no KV cache, got a KVCache; another memory's state?")
+        raise ValueError(f"`state.cache` must be a KVCache for {me()}, got None; another memory's state?")
+
+    def _check_cache(self, cache: KVCache, B: int, dims: tuple[int, int, int]) -> None:
+        """The cache's tensors have the shapes ``[B, slots, heads, key/value dim]``, ``[B, slots]`` and ``[B]``."""
+        if not isinstance(cache, KVCache):
+            raise ValueError(f"`state.cache` must be a KVCache for {self._describe()}, got {type(cache).__name__}")
+        H, K, V = dims
+        L = cache.keys.shape[1] if cache.keys.dim() == 4 else -1
+        want = {"keys": (B, L, H, K), "values": (B, L, H, V), "scores": (B, L), "times": (B, L), "length": (B,)}
+        for name, shape in want.items():
+            t = getattr(cache, name)
+            if L < 0 or t.shape != shape or (name in ("times", "length") and t.dtype != torch.long):
+                shape_text = "(" + ", ".join("slots" if d < 0 else str(d) for d in shape) + ")"
+                got = f"{t.dtype} {tuple(t.shape)}"
+                raise ValueError(
+                    f"`state.cache.{name}` must be {_CACHE_LAYOUT[name]} = {shape_text} for {self._describe()}, got {got}"
+                )

@@ -34,8 +34,11 @@ class _TorchRNNMemory(Memory):
         self.rnn = self.rnn_class(input_size, hidden_size, batch_first=True)
 
     def _initial_rnn(self, batch_size, device):
-        n = 2 if isinstance(self.rnn, nn.LSTM) else 1
-        return tuple(torch.zeros(batch_size, self.hidden_size, device=device) for _ in range(n))
+        return tuple(torch.zeros(batch_size, self.hidden_size, device=device) for _ in self._rnn_spec())
+
+    def _rnn_spec(self):
+        names = ("h", "c") if isinstance(self.rnn, nn.LSTM) else ("h",)
+        return tuple((f"{n} [B, hidden_size]", (self.hidden_size,)) for n in names)
 
     def _run(self, x: Tensor, hidden: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
         packed = tuple(h[None] for h in hidden)  # torch wants [layers, B, D]

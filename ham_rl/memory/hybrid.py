@@ -174,6 +174,22 @@ class HybridMemory(Memory):
             out += (self.conv.initial_history(batch_size, width, device, dtype),)
         return out
 
+    def _rnn_spec(self):
+        S = ("S [B, num_heads, head_dim, head_dim]", (self.num_heads, self.head_dim, self.head_dim)) if self.use_rnn else None
+        what, width = ("input_size", self.input_size) if self.conv_folded else ("3 * hidden_size", 3 * self.hidden_size)
+        history = None if self.conv is None else (f"conv history [B, conv_size - 1, {what}]", (self.conv.size - 1, width))
+        return tuple(t for t in (S, history) if t is not None)
+
+    def _cache_dims(self):
+        return (self.num_heads, self.head_dim, self.head_dim) if self.use_attention else None
+
+    def _describe(self) -> str:
+        options = f"num_heads={self.num_heads}, head_dim={self.head_dim}, conv_size={self.conv.size if self.conv else 0}"
+        return f"HybridMemory(use_rnn={self.use_rnn}, use_attention={self.use_attention}, {options})"
+
+    def _layout_key(self) -> tuple:
+        return (self.conv_folded,)
+
     def _split_rnn(self, rnn: tuple[Tensor, ...]) -> tuple[Tensor | None, Tensor | None]:
         """``(S or None, conv history or None)`` from the state's rnn tuple."""
         S = rnn[0] if self.use_rnn else None

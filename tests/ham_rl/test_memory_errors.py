@@ -70,3 +70,109 @@ def test_threshold_on_memory_without_router():
         make_memory("gru", 4, 8).set_threshold(0.3)
     assert make_memory("gdn", 4, 8).threshold is None
     assert make_memory("ham", 4, 8, threshold=0.25).threshold == 0.25
+
+
+def _raises_one_line(pattern: str, fn) -> None:
+    with pytest.raises(ValueError, match=pattern) as info:
+        fn()
+    assert "\n" not in str(info.value), str(info.value)
+
+
+X, STARTS = torch.randn(2, 3, 4), torch.zeros(2, 3, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("memory, state_of, pattern", [
+    ("gdn", "ham", r"`state.cache` must be None: HybridMemory\(use_rnn=True, use_attention=False.*no KV cache, got a KVCache"),
+    ("ham", "gdn", r"`state.cache` must be a KVCache for HybridMemory\(use_rnn=True, use_attention=True.*, got None;"),
+    ("attention", "gdn", r"`state.rnn` must hold 1 tensor\(s\) \(conv history .*\) for HybridMemory\(use_rnn=False.*, got 2"),
+    ("lstm", "gru", r"`state.rnn` must hold 2 tensor\(s\) \(h \[B, hidden_size\], c \[B, hidden_size\]\) for LSTMMemory.*1"),
+    ("gru", "lstm", r"`state.rnn` must hold 1 tensor\(s\) \(h \[B, hidden_size\]\) for GRUMemory\(hidden_size=8\), got 2"),
+    ("mlp", "gru", r"`state.rnn` must hold 0 tensor\(s\) \(none\) for MLPMemory\(hidden_size=8\), got 1"),
+    ("gru", "ham", r"`state.rnn` must hold 1 tensor\(s\) .* for GRUMemory\(hidden_size=8\), got 2"),
+])  # fmt: skip
+@pytest.mark.parametrize("form", ["sequence", "step"])
+def test_state_of_another_memory(memory, state_of, pattern, form):
+    mem, state = make_memory(memory, 4, 8), make_memory(state_of, 4, 8).initial_state(2)
+    call = (lambda: mem(X, state, STARTS)) if form == "sequence" else (lambda: mem.step(X[:, 0], state, STARTS[:, 0]))
+    _raises_one_line(pattern, call)
+
+
+@pytest.mark.parametrize("options, other, pattern", [
+    ({"num_heads": 2}, {}, r"`state.rnn\[0\]` \(S \[B, num_heads, head_dim, head_dim\]\) must be a float tensor of shape "
+                           r"\(2, 2, 4, 4\) for HybridMemory\(.*num_heads=2, head_dim=4.*, got torch.float32 \(2, 4, 2, 2\)"),
+    ({}, {"num_heads": 2}, r"`state.rnn\[0\]` \(S .*\) must be .* shape \(2, 4, 2, 2\) .* got torch.float32 \(2, 2, 4, 4\)"),
+    ({"conv_size": 3}, {}, r"`state.rnn\[1\]` \(conv history \[B, conv_size - 1, input_size\]\) must be .* shape \(2, 2, 4\) "
+                           r"for HybridMemory\(.*conv_size=3\), got torch.float32 \(2, 3, 4\)"),
+    ({"conv_size": 0}, {}, r"`state.rnn` must hold 1 tensor\(s\) \(S .*\) for HybridMemory\(.*conv_size=0\), got 2"),
+])  # fmt: skip
+def test_state_of_another_configuration(options, other, pattern):
+    mem, state = make_memory("ham", 4, 8, **options), make_memory("ham", 4, 8, **other).initial_state(2)
+    _raises_one_line(pattern, lambda: mem(X, state, STARTS))
+    _raises_one_line(pattern, lambda: mem.step(X[:, 0], state, STARTS[:, 0]))
+
+
+def test_state_of_another_hidden_size():
+    _raises_one_line(
+        r"`state.rnn\[0\]` \(h \[B, hidden_size\]\) must be a float tensor of shape \(2, 8\) for GRUMemory\(hidden_size=8\), "
+        r"got torch.float32 \(2, 16\)",
+        lambda: make_memory("gru", 4, 8)(X, make_memory("gru", 4, 16).initial_state(2), STARTS),
+    )
+    state = make_memory("attention", 4, 16).initial_state(2)
+    _raises_one_line(
+        r"`state.cache.keys` must be \[B, slots, num_heads, head_dim\] = \(2, 0, 4, 2\) for HybridMemory\(.*\), "
+        r"got torch.float32 \(2, 0, 4, 4\)",
+        lambda: make_memory("attention", 4, 8)(X, state, STARTS),
+    )
+
+
+def test_wide_input_conv_history_has_the_projection_width():
+    # Wide inputs run the convolution on the projections, so the history is [B, conv_size - 1, 3 * hidden_size].
+    narrow, wide = make_memory("gdn", 4, 8), make_memory("gdn", 40, 8)
+    _raises_one_line(
+        r"`state.rnn\[1\]` \(conv history \[B, conv_size - 1, 3 \* hidden_size\]\) must be .* shape \(2, 3, 24\)",
+        lambda: wide(torch.randn(2, 3, 40), narrow.initial_state(2), STARTS),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int64, torch.bfloat16])
+@pytest.mark.parametrize("name", ["ham", "gru", "mlp"])
+def test_x_of_another_dtype(name, dtype):
+    mem = make_memory(name, 4, 8)
+    state = mem.initial_state(2)
+    pattern = rf"`x` must have the dtype of the memory's parameters, torch.float32, got {dtype}; pass `x.to\(torch.float32\)`"
+    _raises_one_line(pattern, lambda: mem(X.to(dtype), state, STARTS))
+    _raises_one_line(pattern, lambda: mem.step(X[:, 0].to(dtype), state, STARTS[:, 0]))
+
+
+def test_x_of_the_memory_dtype_passes():
+    mem = make_memory("ham", 4, 8, num_heads=2)
+    mem(X, mem.initial_state(2), STARTS)
+    mem.double()  # after a float32 call: the checked dtype follows the parameters
+    y, _ = mem(X.double(), mem.initial_state(2), STARTS)
+    assert y.dtype == torch.float64
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast runs float32 parameters on other float inputs
+        make_memory("gru", 4, 8).step(X[:, 0].bfloat16(), make_memory("gru", 4, 8).initial_state(2), STARTS[:, 0])
+
+
+@pytest.mark.parametrize("name", ["ham", "gdn", "gru", "mlp"])
+def test_empty_sequence(name):
+    mem = make_memory(name, 4, 8)
+    _raises_one_line(
+        r"`x` must hold at least one step \(T >= 1\), got T=0 in shape \(2, 0, 4\)",
+        lambda: mem(torch.randn(2, 0, 4), mem.initial_state(2), torch.zeros(2, 0, dtype=torch.bool)),
+    )
+
+
+def test_state_with_bad_bookkeeping():
+    mem = make_memory("ham", 4, 8)
+    state = mem.initial_state(2)
+    state.episode_len = state.episode_len.float()
+    _raises_one_line(
+        r"`state.episode_len` must be a long tensor of shape \[B\], got torch.float32 \(2,\)", lambda: mem(X, state, STARTS)
+    )
+    state = mem.initial_state(2)
+    state.cache.length = state.cache.length.int()
+    _raises_one_line(
+        r"`state.cache.length` must be long \[B\] = \(2\) for HybridMemory\(.*\), got torch.int32 \(2,\)",
+        lambda: mem(X, state, STARTS),
+    )
