@@ -171,7 +171,9 @@ def fused_ham_step_fwd_kernel(
             b_l = b_l * alpha + tl.sum(p, 0)
             b_acc = b_acc * alpha[:, None] + tl.sum(p[:, :, None] * b_vt, 0)
             b_m = m_new
-        b_okv = tl.where(b_l[:, None] > 0, b_acc / tl.maximum(b_l, 1e-30)[:, None], 0.0)
+        # An empty cache gives 0; a NaN entry of the env's own episode (b_l NaN, and NaN > 0 is False) gives NaN, as
+        # in the reference: the NaN is not hidden inside its episode.
+        b_okv = tl.where((b_l[:, None] > 0) | (b_l[:, None] != b_l[:, None]), b_acc / tl.maximum(b_l, 1e-30)[:, None], 0.0)
         b_ga = tl.load(gate_attn + i_b * H + o_h, mask=m_h, other=0.0).to(tl.float32)
         b_o += b_ga[:, None] * b_okv
 

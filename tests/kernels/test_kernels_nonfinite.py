@@ -297,3 +297,20 @@ def test_plan_ignores_bad_scores_past_the_carried_length():
         b = plan_cache(bad, times, length, starts, steps, score, routed, capacity)
         assert torch.equal(a.visible, b.visible) and torch.equal(a.final_length, b.final_length)
         assert torch.equal(a.final_source, b.final_source)
+
+
+@pytest.mark.parametrize("fn", STEPS)
+def test_step_does_not_hide_a_bad_entry_of_the_episode(fn):
+    # Without a reset, a NaN entry the env's cache holds makes its attention readout NaN, as in the reference.
+    gen = torch.Generator().manual_seed(0)
+    keys = F.normalize(torch.randn(B, 4, H, K, generator=gen), dim=-1)
+    values = torch.randn(B, 4, H, V, generator=gen)
+    values[ENV, 1] = float("nan")
+    q, k = (F.normalize(torch.randn(B, H, K, generator=gen), dim=-1) for _ in range(2))
+    v, beta, gr, ga = torch.randn(B, H, V, generator=gen), *(torch.rand(B, H, generator=gen) for _ in range(3))
+    o, *_ = fn(
+        q, k, v, beta, -beta, gr, ga, torch.zeros(B, H, K, V), keys, values, torch.rand(B, 4, generator=gen),
+        torch.arange(4).expand(B, 4).clone(), torch.full((B,), 3), torch.zeros(B, dtype=torch.bool), torch.full((B,), 5), 0.5,
+        use_rnn=False,
+    )  # fmt: skip
+    assert torch.isnan(o[ENV]).all() and torch.isfinite(o[1:]).all()
