@@ -68,7 +68,7 @@ class PPOConfig:
     """encoder output size (the memory's input size)"""
     head_size: int = 64
     """hidden width of the actor and critic heads"""
-    context_steps: int = 512
+    context_steps: int = 256
     """the update replays each env row from the start of the episode in progress at the rollout start, up to this
     many steps back, so the gradient from a step reaches every earlier step of its episode across rollout boundaries
     (episodes up to context_steps + num_steps long); longer episodes replay from the stored state of the oldest kept

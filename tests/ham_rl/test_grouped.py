@@ -16,8 +16,9 @@ GROUPED = [
     ("ham", {"conv_size": 3, "input_size": 40}),  # wide input: the convolution runs on the projections, not folded
     ("ham", {"capacity": 3, "threshold": 0.3}),
     ("ham", {"fixed_decay": True}),
-    ("ham", {"conv_size": 0}),
-    ("ham", {"time_feature": False}),
+    ("ham", {"conv_size": 4}),
+    ("ham", {"time_feature": True}),
+    ("ham", {"conv_size": 4, "time_feature": True}),  # the former defaults
     ("gdn", {}),
     ("attention", {}),
     ("window", {"window": 5}),

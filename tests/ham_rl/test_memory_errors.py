@@ -92,7 +92,9 @@ X, STARTS = torch.randn(2, 3, 4), torch.zeros(2, 3, dtype=torch.bool)
 ])  # fmt: skip
 @pytest.mark.parametrize("form", ["sequence", "step"])
 def test_state_of_another_memory(memory, state_of, pattern, form):
-    mem, state = make_memory(memory, 4, 8), make_memory(state_of, 4, 8).initial_state(2)
+    # the delta-rule family with a short convolution (its state then holds a conv history too)
+    conv = lambda name: {"conv_size": 4} if name in ("ham", "gdn", "attention") else {}  # noqa: E731
+    mem, state = make_memory(memory, 4, 8, **conv(memory)), make_memory(state_of, 4, 8, **conv(state_of)).initial_state(2)
     call = (lambda: mem(X, state, STARTS)) if form == "sequence" else (lambda: mem.step(X[:, 0], state, STARTS[:, 0]))
     _raises_one_line(pattern, call)
 
@@ -101,9 +103,11 @@ def test_state_of_another_memory(memory, state_of, pattern, form):
     ({"num_heads": 2}, {}, r"`state.rnn\[0\]` \(S \[B, num_heads, head_dim, head_dim\]\) must be a float tensor of shape "
                            r"\(2, 2, 4, 4\) for HybridMemory\(.*num_heads=2, head_dim=4.*, got torch.float32 \(2, 4, 2, 2\)"),
     ({}, {"num_heads": 2}, r"`state.rnn\[0\]` \(S .*\) must be .* shape \(2, 4, 2, 2\) .* got torch.float32 \(2, 2, 4, 4\)"),
-    ({"conv_size": 3}, {}, r"`state.rnn\[1\]` \(conv history \[B, conv_size - 1, input_size\]\) must be .* shape \(2, 2, 4\) "
+    ({"conv_size": 3}, {"conv_size": 4},
+     r"`state.rnn\[1\]` \(conv history \[B, conv_size - 1, input_size\]\) must be .* shape \(2, 2, 4\) "
                            r"for HybridMemory\(.*conv_size=3\), got torch.float32 \(2, 3, 4\)"),
-    ({"conv_size": 0}, {}, r"`state.rnn` must hold 1 tensor\(s\) \(S .*\) for HybridMemory\(.*conv_size=0\), got 2"),
+    ({"conv_size": 0}, {"conv_size": 4},
+     r"`state.rnn` must hold 1 tensor\(s\) \(S .*\) for HybridMemory\(.*conv_size=0\), got 2"),
 ])  # fmt: skip
 def test_state_of_another_configuration(options, other, pattern):
     mem, state = make_memory("ham", 4, 8, **options), make_memory("ham", 4, 8, **other).initial_state(2)
@@ -127,7 +131,7 @@ def test_state_of_another_hidden_size():
 
 def test_wide_input_conv_history_has_the_projection_width():
     # Wide inputs run the convolution on the projections, so the history is [B, conv_size - 1, 3 * hidden_size].
-    narrow, wide = make_memory("gdn", 4, 8), make_memory("gdn", 40, 8)
+    narrow, wide = make_memory("gdn", 4, 8, conv_size=4), make_memory("gdn", 40, 8, conv_size=4)
     _raises_one_line(
         r"`state.rnn\[1\]` \(conv history \[B, conv_size - 1, 3 \* hidden_size\]\) must be .* shape \(2, 3, 24\)",
         lambda: wide(torch.randn(2, 3, 40), narrow.initial_state(2), STARTS),

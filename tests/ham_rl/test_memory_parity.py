@@ -20,6 +20,8 @@ HAM_VARIANTS = {
     "ham-capacity-surprise": {"capacity": 2, "threshold": 0.3},
     "ham-learned-capacity": {"capacity": 3, "threshold": 0.4},
     "ham-fixed-decay": {"fixed_decay": True},
+    "ham-conv-time": {"conv_size": 4, "time_feature": True},  # the former defaults: short convolution and clock
+    "ham-conv": {"conv_size": 4},
 }
 
 
@@ -61,9 +63,9 @@ def test_folded_and_plain_convolution_agree(input_size, folded):
     # Narrow inputs run the short convolution folded into the q/k/v projection, wide ones on the projections; both
     # forms (and their different conv histories) must give the same memory, step by step and over carried state.
     torch.manual_seed(0)
-    mem = make_memory("ham", input_size, D)
+    mem = make_memory("ham", input_size, D, conv_size=4)
     assert mem.conv_folded is folded
-    other = make_memory("ham", input_size, D)
+    other = make_memory("ham", input_size, D, conv_size=4)
     other.load_state_dict(mem.state_dict())
     other.conv_folded = not folded
     xs = [torch.randn(B, T, input_size) for _ in range(2)]

@@ -21,6 +21,7 @@ ENV = 0  # the env that sees the bad input
 CASES = {name: (name, {}) for name in MEMORIES} | {
     "ham-capacity": ("ham", {"capacity": 3, "threshold": 0.0}),
     "window-evicting": ("window", {"window": 4}),
+    "ham-conv-time": ("ham", {"conv_size": 4, "time_feature": True}),  # the former defaults: conv history, clock
 }
 #: (bad step, reset step of env ENV, where the sequence form splits the run into two calls, None: one call)
 SPANS = {
