@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
-from ham_rl.agents.policy import RecurrentActorCritic
-from ham_rl.envs import VecEnv
 from torch import Tensor, nn
 
+from ham_rl.agents.policy import RecurrentActorCritic
+from ham_rl.envs import VecEnv
 from ham_rl.memory import MemoryState
 
 __all__ = ["PPO", "PPOConfig", "NonFiniteLossError"]

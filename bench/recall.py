@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from gymnasium import spaces
-from ham_rl.agents import RecurrentActorCritic
-from ham_rl.envs.recall_tasks import RecallBatch, associative_recall_batch, cue_recall_batch
 from torch.nn import functional as F
 
+from ham_rl.agents import RecurrentActorCritic
+from ham_rl.envs.recall_tasks import RecallBatch, associative_recall_batch, cue_recall_batch
 from ham_rl.memory import MEMORIES, memory_options
 
 

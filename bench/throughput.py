@@ -30,9 +30,9 @@ if __package__ in (None, ""):  # `python bench/<name>.py`: bench.contenders come
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch
-from ham_rl.agents import PPOConfig
 
 from bench.contenders import SB3_SETTINGS, make_ours, make_recurrent_ppo
+from ham_rl.agents import PPOConfig
 
 
 def _config(args) -> PPOConfig:

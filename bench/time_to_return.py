@@ -28,9 +28,9 @@ if __package__ in (None, ""):  # `python bench/<name>.py`: bench.contenders come
 
 import numpy as np
 import torch
-from ham_rl.agents import PPOConfig
 
 from bench.contenders import make_ours, make_recurrent_ppo
+from ham_rl.agents import PPOConfig
 
 CONTENDERS = ("ours-ham", "ours-gru", "ours-mlp", "RecurrentPPO-defaults", "RecurrentPPO-matched")
 DEFAULT_CONTENDERS = ("ours-ham", "ours-gru", "RecurrentPPO-defaults", "RecurrentPPO-matched")

@@ -8,6 +8,7 @@ import difflib
 import importlib
 
 import gymnasium as gym
+
 from ham_rl.envs.recall_tasks import PRESETS as RECALL_PRESETS  # importing it registers the ham_rl/* ids
 
 __all__ = ["ENV_ALIASES", "make_env", "resolve_env_id", "valid_env_names"]

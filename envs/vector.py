@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from gymnasium import spaces
+
 from ham_rl.envs.encoding import SpaceEncoder
 from ham_rl.envs.env_state import EnvStateError, encode, restore
 from ham_rl.envs.registry import make_env, resolve_env_id

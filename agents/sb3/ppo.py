@@ -24,15 +24,6 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import torch as th
 from gymnasium import spaces
-from ham_rl.agents.sb3.buffers import HAMDictRolloutBuffer, HAMRolloutBuffer, envs_per_minibatch
-from ham_rl.agents.sb3.policies import (
-    LSTM_ARGUMENTS,
-    HAMActorCriticCnnPolicy,
-    HAMActorCriticPolicy,
-    HAMMultiInputActorCriticPolicy,
-    clone_states,
-)
-from ham_rl.agents.sb3.safe_load import plain_model_data, safe_custom_objects
 from sb3_contrib import RecurrentPPO
 from sb3_contrib.common.recurrent.type_aliases import RNNStates
 from stable_baselines3.common.buffers import RolloutBuffer
@@ -42,6 +33,15 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback
 from stable_baselines3.common.utils import FloatSchedule, obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 
+from ham_rl.agents.sb3.buffers import HAMDictRolloutBuffer, HAMRolloutBuffer, envs_per_minibatch
+from ham_rl.agents.sb3.policies import (
+    LSTM_ARGUMENTS,
+    HAMActorCriticCnnPolicy,
+    HAMActorCriticPolicy,
+    HAMMultiInputActorCriticPolicy,
+    clone_states,
+)
+from ham_rl.agents.sb3.safe_load import plain_model_data, safe_custom_objects
 from ham_rl.memory.state import MemoryState
 
 __all__ = ["CnnHamPolicy", "HAMRecurrentPPO", "MlpHamPolicy", "MultiInputHamPolicy"]

@@ -14,8 +14,9 @@ import warnings
 import zipfile
 from typing import Any
 
-from ham_rl.envs.space_json import space_from_json, space_to_json
 from stable_baselines3.common.utils import FloatSchedule
+
+from ham_rl.envs.space_json import space_from_json, space_to_json
 
 __all__ = ["plain_model_data", "safe_custom_objects"]
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor
+
 from ham_rl.kernels.backend import resolve_backend
 from ham_rl.kernels.cache_attention.reference import masked_cache_attention
 from ham_rl.kernels.cache_attention.sdpa import sdpa_cache_attention
-from torch import Tensor
 
 __all__ = ["cache_attention", "masked_cache_attention", "sdpa_cache_attention"]
 

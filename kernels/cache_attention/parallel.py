@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
 from ham_rl.kernels.nonfinite import contain_attention, poison_attention
 from ham_rl.kernels.triton_utils import next_power_of_2
-from torch import Tensor
 
 __all__ = [
     "parallel_cache_attention",

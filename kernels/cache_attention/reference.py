@@ -9,9 +9,10 @@ token gets NaN exactly when its query or an entry it sees is not finite (``ham_r
 from __future__ import annotations
 
 import torch
+from torch import Tensor
+
 from ham_rl.kernels.gated_delta_rule.reference import accumulation_dtype
 from ham_rl.kernels.nonfinite import contain_attention, poison_attention
-from torch import Tensor
 
 __all__ = ["masked_cache_attention", "masked_softmax"]
 

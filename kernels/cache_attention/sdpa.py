@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
 from ham_rl.kernels.gated_delta_rule.reference import accumulation_dtype
 from ham_rl.kernels.nonfinite import contain_attention, poison_attention
-from torch import Tensor
 
 __all__ = ["sdpa_cache_attention"]
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from ham_rl.kernels.backend import resolve_backend
 from ham_rl.kernels.gated_delta_rule.naive_chunk import DEFAULT_CPU_CHUNK_SIZE, naive_chunk_gated_delta_rule
 from ham_rl.kernels.gated_delta_rule.reference import naive_recurrent_gated_delta_rule
 from ham_rl.kernels.gated_delta_rule.torch_chunk import torch_chunk_gated_delta_rule
-from torch import Tensor
 
 __all__ = [
     "gated_delta_rule",

@@ -14,9 +14,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
 from ham_rl.kernels.nonfinite import contain_delta_rule, delta_rule_grads, output_grads, poison_delta_rule
 from ham_rl.kernels.triton_utils import next_power_of_2
-from torch import Tensor
 
 __all__ = [
     "chunk_gated_delta_rule",

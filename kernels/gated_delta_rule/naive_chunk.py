@@ -24,9 +24,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
 from ham_rl.kernels.gated_delta_rule.reference import accumulation_dtype
 from ham_rl.kernels.nonfinite import contain_delta_rule, poison_delta_rule
-from torch import Tensor
 
 __all__ = ["naive_chunk_gated_delta_rule", "chunked_forward", "ChunkedForward", "DEFAULT_CPU_CHUNK_SIZE"]
 

@@ -13,10 +13,11 @@ Tests compare both forms, values and every gradient, with the recurrent referenc
 from __future__ import annotations
 
 import torch
-from ham_rl.kernels.gated_delta_rule.naive_chunk import DEFAULT_CPU_CHUNK_SIZE, chunked_forward, chunks, unchunk
-from ham_rl.kernels.nonfinite import contain_delta_rule, delta_rule_grads, output_grads, poison_delta_rule
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from ham_rl.kernels.gated_delta_rule.naive_chunk import DEFAULT_CPU_CHUNK_SIZE, chunked_forward, chunks, unchunk
+from ham_rl.kernels.nonfinite import contain_delta_rule, delta_rule_grads, output_grads, poison_delta_rule
 
 __all__ = ["torch_chunk_gated_delta_rule", "TorchChunkGatedDeltaRuleFunction"]
 

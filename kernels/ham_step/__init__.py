@@ -4,11 +4,12 @@ slot rule it applies (``choose_slot``) and that rule's replay over a segment for
 from __future__ import annotations
 
 import torch
+from torch import Tensor
+
 from ham_rl.kernels.backend import resolve_backend
 from ham_rl.kernels.ham_step.cache_plan import CachePlan, plan_cache, seen_candidates
 from ham_rl.kernels.ham_step.reference import choose_slot, surprise_score
 from ham_rl.kernels.ham_step.reference import ham_step as reference_ham_step
-from torch import Tensor
 
 __all__ = [
     "CachePlan",

@@ -15,8 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from ham_rl.kernels.ham_step.reference import choose_slot
 from torch import Tensor
+
+from ham_rl.kernels.ham_step.reference import choose_slot
 
 __all__ = ["CachePlan", "plan_cache", "seen_candidates"]
 

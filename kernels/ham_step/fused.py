@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from ham_rl.kernels.triton_utils import next_power_of_2
 from torch import Tensor
+
+from ham_rl.kernels.triton_utils import next_power_of_2
 
 __all__ = ["fused_ham_step", "fused_ham_step_fwd", "fused_ham_step_fwd_kernel"]
 

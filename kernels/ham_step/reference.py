@@ -13,10 +13,11 @@ need an old state intact. The caller reserves at least ``min(length.max() + 1, c
 from __future__ import annotations
 
 import torch
+from torch import Tensor
+
 from ham_rl.kernels.cache_attention.reference import masked_softmax
 from ham_rl.kernels.gated_delta_rule.reference import accumulation_dtype, gated_delta_rule_step
 from ham_rl.kernels.nonfinite import all_finite, zero_rows
-from torch import Tensor
 
 __all__ = ["ham_step", "surprise_score", "choose_slot"]
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 from gymnasium import spaces
-from ham_rl.agents import PPO, ActionHead, PPOConfig, RecurrentActorCritic
-from ham_rl.envs import VecEnv
 
 from ham_rl import MEMORIES
+from ham_rl.agents import PPO, ActionHead, PPOConfig, RecurrentActorCritic
+from ham_rl.envs import VecEnv
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_env import register_tiny_env  # noqa: E402

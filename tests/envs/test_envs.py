@@ -4,6 +4,7 @@ exact state round trip as plain data."""
 import numpy as np
 import pytest
 from gymnasium import spaces
+
 from ham_rl.envs import ENV_ALIASES, SpaceEncoder, VecEnv, resolve_env_id
 
 

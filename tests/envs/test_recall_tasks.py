@@ -3,6 +3,7 @@
 import gymnasium as gym
 import numpy as np
 import pytest
+
 from ham_rl.envs import ENV_ALIASES, AssociativeRecallEnv, CueRecallEnv, VecEnv, make_env
 from ham_rl.envs.recall_tasks import PRESETS, associative_recall_batch, chance_return, cue_recall_batch
 

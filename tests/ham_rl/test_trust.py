@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from ham_rl.agents.ppo import PPO
 from train_helpers import TINY, cfg_of, cli, params
 
+from ham_rl.agents.ppo import PPO
 from ham_rl.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from ham_rl.checkpoint import main as checkpoint_main
 from ham_rl.config import ConfigError

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from ham_rl.kernels.backend import interpreter_active, triton_available
 
 needs_interpreter = pytest.mark.skipif(

@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from ham_rl.kernels.backend import triton_available
 
 ROOT = Path(__file__).resolve().parents[2]

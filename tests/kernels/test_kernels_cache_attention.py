@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_testing import assert_close, needs_interpreter
+
 from ham_rl.kernels.cache_attention import cache_attention
 from ham_rl.kernels.cache_attention.reference import masked_cache_attention
-from kernel_testing import assert_close, needs_interpreter
 
 pytestmark = needs_interpreter
 

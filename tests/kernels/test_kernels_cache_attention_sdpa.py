@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_testing import assert_close
+from test_kernels_cache_attention import ham_visible
+
 from ham_rl.kernels.cache_attention import cache_attention
 from ham_rl.kernels.cache_attention.reference import masked_cache_attention
 from ham_rl.kernels.cache_attention.sdpa import sdpa_cache_attention
-from kernel_testing import assert_close
-from test_kernels_cache_attention import ham_visible
 
 
 @pytest.mark.parametrize(

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_testing import assert_close, needs_interpreter
+
 from ham_rl.kernels.gated_delta_rule import gated_delta_rule
 from ham_rl.kernels.gated_delta_rule.naive_chunk import naive_chunk_gated_delta_rule
 from ham_rl.kernels.gated_delta_rule.reference import naive_recurrent_gated_delta_rule
 from ham_rl.kernels.gated_delta_rule.torch_chunk import torch_chunk_gated_delta_rule
-from kernel_testing import assert_close, needs_interpreter
 
 #: the two chunked PyTorch forms: autograd through torch ops, and the hand-written backward (the CPU path)
 CHUNKED = {"naive_chunk": naive_chunk_gated_delta_rule, "torch_chunk": torch_chunk_gated_delta_rule}

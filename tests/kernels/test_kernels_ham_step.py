@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from ham_rl.kernels.ham_step.reference import ham_step as reference_ham_step
 from kernel_testing import assert_close, needs_interpreter
+
+from ham_rl.kernels.ham_step.reference import ham_step as reference_ham_step
 
 pytestmark = needs_interpreter
 

@@ -13,6 +13,8 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_testing import needs_interpreter
+
 from ham_rl.kernels.cache_attention.reference import masked_cache_attention
 from ham_rl.kernels.cache_attention.sdpa import sdpa_cache_attention
 from ham_rl.kernels.gated_delta_rule.naive_chunk import naive_chunk_gated_delta_rule
@@ -20,7 +22,6 @@ from ham_rl.kernels.gated_delta_rule.reference import naive_recurrent_gated_delt
 from ham_rl.kernels.gated_delta_rule.torch_chunk import torch_chunk_gated_delta_rule
 from ham_rl.kernels.ham_step import plan_cache
 from ham_rl.kernels.ham_step.reference import ham_step as reference_ham_step
-from kernel_testing import needs_interpreter
 
 BAD = [pytest.param(float("nan"), id="nan"), pytest.param(float("inf"), id="inf")]
 ENV = 0  # the env that gets the bad input; envs 1 and 2 must not notice
