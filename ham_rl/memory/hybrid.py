@@ -48,9 +48,10 @@ class HybridMemory(Memory):
     :param threshold_lr: step size eta of the feedback rule
     :param capacity: most cache entries per env (0: unbounded); a full cache evicts its lowest-score entry
     :param fixed_decay: use decay alpha = 1 instead of the learned gate
-    :param conv_size: width of the causal short convolution on q, k, v (Gated DeltaNet's); 0, the default, turns it
-        off: it mixes each step with its neighbours before keys, values and the router's score are formed, which slows
-        recall learning 4-8x (docs/recall.md)
+    :param conv_size: width of the causal short convolution on q, k, v (Gated DeltaNet's; 0 turns it off). It gives
+        the layer the last few steps cheaply (POPGym RepeatPrevious needs it), but it mixes each step with its
+        neighbours before keys, values and the router's score are formed, which slows recall learning 4-8x
+        (docs/recall.md): use 0 for recall at an unknown step
     :param time_feature: add the step-in-episode embedding to the input; off by default, as an absolute clock in keys,
         values and queries blocks recall at an unknown step (docs/recall.md); the RNN path carries order
     """
@@ -70,7 +71,7 @@ class HybridMemory(Memory):
         threshold_lr: float = 0.1,
         capacity: int = 0,
         fixed_decay: bool = False,
-        conv_size: int = 0,
+        conv_size: int = 4,
         time_feature: bool = False,
     ):
         super().__init__(input_size, hidden_size, time_feature)

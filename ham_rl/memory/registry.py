@@ -19,7 +19,7 @@ def _check_window(window: object) -> int:
 
 
 def window_memory(
-    input_size: int, hidden_size: int, window: int = 32, num_heads: int = 4, conv_size: int = 0, time_feature: bool = False
+    input_size: int, hidden_size: int, window: int = 32, num_heads: int = 4, conv_size: int = 4, time_feature: bool = False
 ) -> Memory:
     """Attention over the last ``window`` steps of the episode (every token cached, the oldest evicted)."""
     return HybridMemory(input_size, hidden_size, num_heads=num_heads, use_rnn=False, router="all",
@@ -32,7 +32,7 @@ def hqlt_memory(
     window: int = 32,
     num_heads: int = 4,
     fixed_decay: bool = False,
-    conv_size: int = 0,
+    conv_size: int = 4,
     time_feature: bool = False,
 ) -> Memory:
     """Gated delta-rule RNN plus window attention with the same gates: the naive hybrid of Irie et al. 2025."""
