@@ -93,6 +93,7 @@ class HybridMemory(Memory):
             raise ValueError(f"`threshold` must be a number (inf allowed), got {threshold!r}")
         if not (isinstance(threshold_lr, int | float) and 0 < threshold_lr < math.inf):
             raise ValueError(f"`threshold_lr` must be a finite number > 0, got {threshold_lr!r}")
+        self.has_cache = use_attention  # gdn (no attention path) keeps no cache
         self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
         self.use_rnn, self.use_attention, self.router = use_rnn, use_attention, router
         self.capacity, self.fixed_decay = capacity, fixed_decay

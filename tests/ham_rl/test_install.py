@@ -8,6 +8,7 @@ short trainings from an empty directory outside the checkout: a POPGym preset, a
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -56,8 +57,14 @@ def _run(args, cwd, timeout=600):
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    dist = tmp_path_factory.mktemp("dist")
-    _run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q", "-w", dist], REPO)
+    # From a copy of the files git tracks (or would): a build/ folder left in the checkout could add stale modules.
+    source, dist = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("dist")
+    listed = _run(["git", "ls-files", "-co", "--exclude-standard"], REPO).stdout.splitlines()
+    for name in listed:
+        if (REPO / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
+    _run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w", dist], source)
     (path,) = dist.glob("ham_rl-*.whl")
     return path
 

@@ -256,6 +256,7 @@ def test_resume_alone_restores_the_saved_config_and_records_what_it_changes(tmp_
     [
         (["env.prev_action=maybe"], "env.prev_action must be true or false, got 'maybe'"),
         (["progress=1"], "progress must be true or false, got 1"),
+        (["memory=ham", "memory.threshold_lr=inf"], "`threshold_lr` must be a finite number > 0, got inf"),
     ],
 )
 def test_bad_settings_are_one_line(tmp_path, overrides, match):
