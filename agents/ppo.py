@@ -246,7 +246,6 @@ class PPO:
         b_actions = self.actions.transpose(0, 1)
         b_logprobs, b_values = self.logprobs.T, self.values.T
         b_advantages, b_returns = advantages.T, returns.T
-        has_state = bool(self.state0.rnn) or self.state0.cache is not None
         envs_per_mb = cfg.num_envs // cfg.num_minibatches
         clipfracs, approx_kls = [], []
         pg_loss = v_loss = entropy_loss = approx_kl = torch.zeros((), device=dev)
@@ -254,8 +253,7 @@ class PPO:
             perm = torch.randperm(cfg.num_envs)
             for start in range(0, cfg.num_envs, envs_per_mb):
                 mb = perm[start : start + envs_per_mb].to(dev)
-                x, state, starts, context = self.context.rows(mb, b_obs, b_starts, self.state0, agent) if has_state else (
-                    b_obs[mb], self.state0[mb], b_starts[mb], 0)  # fmt: skip
+                x, state, starts, context = self.context.rows(mb, b_obs, b_starts, self.state0, agent)
                 newlogprob, entropy, newvalue = agent.evaluate_actions(x, state, starts, b_actions[mb], context)
                 logratio = newlogprob - b_logprobs[mb]
                 ratio = logratio.exp()
@@ -426,7 +424,8 @@ class EpisodeContext:
         """``(x [n, C + T, D], state at its first step, starts [n, C + T], C)`` for the env rows ``mb``."""
         in_progress = torch.where(b_starts[mb, 0], 0, state0.episode_len[mb])  # steps of each row's episode so far
         kept = len(self.obs)
-        context = min(int(in_progress.max()), kept)
+        stateless = not state0.rnn and state0.cache is None  # a memory without state (mlp) has nothing to replay
+        context = 0 if stateless else min(int(in_progress.max()), kept)
         if context == 0:
             return b_obs[mb], state0[mb], b_starts[mb], 0
         if int(in_progress.max()) > kept:  # an episode older than what is kept: from the oldest kept start state
