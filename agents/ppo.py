@@ -340,8 +340,8 @@ class PPO:
             "ep_lengths": [int(n) for n in self.ep_lengths],
             "rng": {
                 "torch": torch.get_rng_state(),
-                "numpy": _numpy_rng_to_plain(np.random.get_state()),
-                "python": _python_rng_to_plain(random.getstate()),
+                "numpy": numpy_rng_to_plain(np.random.get_state()),
+                "python": python_rng_to_plain(random.getstate()),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             },
             "ppo_config": asdict(self.cfg),
@@ -366,29 +366,32 @@ class PPO:
         self.context.load_state_dict(data["context"])
         rng = data["rng"]
         torch.set_rng_state(rng["torch"])
-        np.random.set_state(_numpy_rng_from_plain(rng["numpy"]))
-        random.setstate(_python_rng_from_plain(rng["python"]))
+        np.random.set_state(numpy_rng_from_plain(rng["numpy"]))
+        random.setstate(python_rng_from_plain(rng["python"]))
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def _numpy_rng_to_plain(state: tuple) -> dict:
+def numpy_rng_to_plain(state: tuple) -> dict:
     """``np.random.get_state()`` (a tuple holding a uint32 array) as plain data and a tensor."""
     name, key, pos, has_gauss, gauss = state
     return {"name": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
             "gauss": float(gauss)}  # fmt: skip
 
 
-def _numpy_rng_from_plain(data: dict) -> tuple:
+def numpy_rng_from_plain(data: dict) -> tuple:
+    """Inverse of :func:`numpy_rng_to_plain`, for ``np.random.set_state``."""
     return (data["name"], data["key"].numpy().astype(np.uint32), data["pos"], data["has_gauss"], data["gauss"])
 
 
-def _python_rng_to_plain(state: tuple) -> list:
+def python_rng_to_plain(state: tuple) -> list:
+    """``random.getstate()`` as plain lists."""
     version, internal, gauss_next = state
     return [version, list(internal), gauss_next]
 
 
-def _python_rng_from_plain(data: list) -> tuple:
+def python_rng_from_plain(data: list) -> tuple:
+    """Inverse of :func:`python_rng_to_plain`, for ``random.setstate``."""
     version, internal, gauss_next = data
     return (version, tuple(internal), gauss_next)
 

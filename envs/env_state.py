@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-__all__ = ["EnvStateError", "encode", "restore"]
+__all__ = ["EnvStateError", "encode", "encode_envs", "restore"]
 
 #: attributes rebuilt from the config, not restored (spaces, the registration spec, render settings)
 REBUILT = frozenset(
@@ -50,6 +50,19 @@ def _class_name(obj: object) -> str:
 def encode(obj: Any) -> Any:
     """Plain data for ``obj`` (an env, a wrapper, or any attribute value); raises :class:`EnvStateError` where it cannot."""
     return _Encoder().value(obj, "env")
+
+
+def encode_envs(envs: list, observations: list) -> dict[str, list]:
+    """Each env's state and current observation as plain data; ``None`` and the reason where there is no plain form."""
+    out: dict[str, list] = {"envs": [], "obs": [], "unsaved_reasons": []}
+    for env, obs in zip(envs, observations, strict=True):
+        try:
+            encoded = encode(env), encode(obs), None
+        except EnvStateError as e:
+            encoded = None, None, str(e)
+        for key, value in zip(out, encoded, strict=True):
+            out[key].append(value)
+    return out
 
 
 def restore(target: Any, data: Any) -> Any:

@@ -24,7 +24,7 @@ import torch
 from gymnasium import spaces
 
 from ham_rl.envs.encoding import SpaceEncoder
-from ham_rl.envs.env_state import EnvStateError, encode, restore
+from ham_rl.envs.env_state import EnvStateError, encode_envs, restore
 from ham_rl.envs.registry import make_env, resolve_env_id
 
 __all__ = ["VecEnv"]
@@ -152,28 +152,16 @@ class VecEnv:
         """Everything needed to continue exactly, as plain data (no pickles): each env's state (``env_state.encode``),
         its current observation and the per-env counters. An env whose state has no plain-data form is stored as
         ``None`` with the reason; loading restarts it."""
-        envs, obs, reasons = [], [], []
-        for i, env in enumerate(self.envs):
-            try:
-                envs.append(encode(env))
-                obs.append(encode(self._obs[i]))
-                reasons.append(None)
-            except EnvStateError as e:
-                envs.append(None)
-                obs.append(None)
-                reasons.append(str(e))
         return {
             "env_id": self.env_id,
             "num_envs": self.num_envs,
             "seed": self.seed,
-            "envs": envs,
-            "obs": obs,
-            "unsaved_reasons": reasons,
-            **{name: torch.from_numpy(getattr(self, f"_{name}").copy()) for name in self._COUNTERS},
+            **encode_envs(self.envs, self._obs),
+            **{name: torch.from_numpy(getattr(self, f"_{name}").copy()) for name in self.COUNTERS},
         }
 
     #: per-env arrays saved with the env states (as tensors)
-    _COUNTERS = ("features", "starts", "ep_return", "ep_length", "rewards")
+    COUNTERS = ("features", "starts", "ep_return", "ep_length", "rewards")
 
     def load_state_dict(self, data: dict) -> list[int]:
         """Restore what :meth:`state_dict` saved into this VecEnv's freshly built envs (same env id and number).
@@ -184,7 +172,7 @@ class VecEnv:
             raise ValueError(
                 f"env state is for {data['env_id']} x{data['num_envs']}, this VecEnv is {self.env_id} x{self.num_envs}"
             )
-        for name in self._COUNTERS:
+        for name in self.COUNTERS:
             setattr(self, f"_{name}", data[name].numpy().copy())
         restarted = []
         for i, (env_data, obs_data) in enumerate(zip(data["envs"], data["obs"], strict=True)):

@@ -156,7 +156,10 @@ def convert_legacy(path: str | os.PathLike, trust: bool = False) -> Path:
     """Rewrite a ``ham_rl-ppo-v1`` checkpoint in the current format, in place. Unpickles the file: only with ``trust``."""
     if not trust:
         raise CheckpointError("converting unpickles the file and runs whatever it holds: pass --trust-checkpoint to confirm")
-    from ham_rl.envs.env_state import EnvStateError, encode  # noqa: PLC0415 - only the conversion needs the envs
+    # only the conversion needs these (the same encoders the trainer's state_dict uses)
+    from ham_rl.agents.ppo import numpy_rng_to_plain, python_rng_to_plain
+    from ham_rl.envs import VecEnv
+    from ham_rl.envs.env_state import encode_envs
 
     path = Path(path)
     data = torch.load(path, map_location="cpu", weights_only=False)
@@ -164,26 +167,12 @@ def convert_legacy(path: str | os.PathLike, trust: bool = False) -> Path:
         raise CheckpointError(f"{path} is not a {LEGACY_FORMAT} checkpoint")
     ppo = data["ppo"]
     venv = ppo["venv"]
-    envs, obs = pickle.loads(venv.pop("envs")), pickle.loads(venv["obs"])
-    venv["envs"], venv["obs"], venv["unsaved_reasons"] = [], [], []
-    for env, ob in zip(envs, obs, strict=True):
-        try:
-            venv["envs"].append(encode(env))
-            venv["obs"].append(encode(ob))
-            venv["unsaved_reasons"].append(None)
-        except EnvStateError as e:
-            venv["envs"].append(None)
-            venv["obs"].append(None)
-            venv["unsaved_reasons"].append(str(e))
-    for name in ("features", "starts", "ep_return", "ep_length", "rewards"):
+    venv.update(encode_envs(pickle.loads(venv["envs"]), pickle.loads(venv["obs"])))
+    for name in VecEnv.COUNTERS:
         venv[name] = torch.from_numpy(venv[name].copy())
     ppo["next_obs"], ppo["next_start"] = torch.from_numpy(ppo["next_obs"]), torch.from_numpy(ppo["next_start"])
     rng = ppo["rng"]
-    name, key, pos, has_gauss, gauss = rng["numpy"]
-    rng["numpy"] = {"name": name, "key": torch.from_numpy(key.astype("int64")), "pos": int(pos),
-                    "has_gauss": int(has_gauss), "gauss": float(gauss)}  # fmt: skip
-    version, internal, gauss_next = rng["python"]
-    rng["python"] = [version, list(internal), gauss_next]
+    rng["numpy"], rng["python"] = numpy_rng_to_plain(rng["numpy"]), python_rng_to_plain(rng["python"])
     ppo["ep_returns"], ppo["ep_lengths"] = [float(r) for r in ppo["ep_returns"]], [int(n) for n in ppo["ep_lengths"]]
     num_envs, feature_dim = venv["features"].shape
     # v1 runs kept no episode context: the first update after the conversion starts one
