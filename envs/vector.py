@@ -10,6 +10,10 @@ the reset observation with reward 0; we never produce that step). A truncated ep
 state) also ends there, and its last observation's features stay readable in ``final_features`` (where
 ``truncated`` is True) so that the trainer can bootstrap the value of the state the time limit cut off.
 
+Infos: ``infos[b]`` is the info dict that env b returned with its current observation (the one whose features
+``reset``/``step`` returned last): after an autoreset, the reset's info. The recall envs put ``informative`` there
+(``ham_rl.routing`` reads it); the info of an episode's last step before an autoreset is not kept.
+
 Features per env (``[B, feature_dim]`` float32): the encoded observation, then (switchable) the one-hot previous
 action and the previous reward; both are zero at the first step of an episode.
 """
@@ -68,6 +72,9 @@ class VecEnv:
         #: last observation (before the reset), valid where ``truncated`` is True
         self.truncated = np.zeros(b, dtype=bool)
         self.final_features = np.zeros((b, self.feature_dim), dtype=np.float32)
+        #: the info dict of each env's current observation (a new list every reset/step; ``{}`` before the first
+        #: reset and after a checkpoint restore, which does not save infos)
+        self.infos: list[dict] = [{} for _ in range(b)]
 
     # ------------------------------------------------------------------------------------------------------------
     def reset(self) -> tuple[np.ndarray, np.ndarray]:
@@ -75,8 +82,10 @@ class VecEnv:
 
         :return: features ``[B, feature_dim]`` float32 and starts ``[B]`` bool (all True)
         """
+        infos: list[dict] = [{}] * self.num_envs
         for i, env in enumerate(self.envs):
-            self._obs[i], _ = env.reset(seed=self.seed + i)
+            self._obs[i], infos[i] = env.reset(seed=self.seed + i)
+        self.infos = infos
         self._starts[:] = True
         self._ep_return[:] = 0.0
         self._ep_length[:] = 0
@@ -96,8 +105,9 @@ class VecEnv:
         dones = np.zeros(self.num_envs, dtype=bool)
         self.truncated[:] = False
         final_obs: dict[int, Any] = {}
+        infos: list[dict] = [{}] * self.num_envs
         for i, env in enumerate(self.envs):
-            obs, r, term, trunc, _ = env.step(act_list[i])
+            obs, r, term, trunc, infos[i] = env.step(act_list[i])
             r = float(r)
             self._rewards[i] = r
             self._ep_return[i] += r
@@ -110,8 +120,9 @@ class VecEnv:
                 if trunc and not term:
                     self.truncated[i] = True
                     final_obs[i] = obs
-                obs, _ = env.reset()
+                obs, infos[i] = env.reset()
             self._obs[i] = obs
+        self.infos = infos
         self._actions = act_list
         rewards = self._rewards.copy()
         if final_obs:  # the cut-off episodes' last observations, as if no reset had happened
@@ -174,6 +185,7 @@ class VecEnv:
             )
         for name in self.COUNTERS:
             setattr(self, f"_{name}", data[name].numpy().copy())
+        self.infos = [{} for _ in range(self.num_envs)]
         restarted = []
         for i, (env_data, obs_data) in enumerate(zip(data["envs"], data["obs"], strict=True)):
             reason = data["unsaved_reasons"][i]
@@ -197,7 +209,7 @@ class VecEnv:
             f"from seed {seed}, so this resumed run does not continue exactly",
             stacklevel=3,
         )
-        self._obs[i], _ = self.envs[i].reset(seed=seed)
+        self._obs[i], self.infos[i] = self.envs[i].reset(seed=seed)
         self._starts[i] = True
         self._ep_return[i] = 0.0
         self._ep_length[i] = 0

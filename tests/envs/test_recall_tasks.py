@@ -146,3 +146,29 @@ def test_vecenv_runs_each_preset(alias):
         feats, rewards, dones, finished = venv.step(np.zeros(2, dtype=np.int64))
         done_count += len(finished)
     assert done_count == 2 and dones.all()  # fixed-length episodes: both end on the same step
+
+
+def test_vecenv_infos_are_those_of_the_current_observation_and_the_reset_after_an_autoreset():
+    venv = VecEnv("cue-first-d50", 2, seed=0)
+    assert venv.infos == [{}, {}]  # before the first reset
+    feats, _ = venv.reset()
+    assert [i["step"] for i in venv.infos] == [0, 0] and all(i["informative"] for i in venv.infos)  # the cue is step 0
+    steps = venv.envs[0].unwrapped.episode_len
+    for t in range(1, steps):
+        before = venv.infos
+        venv.step(np.zeros(2, dtype=np.int64))
+        assert venv.infos is not before  # a new list each step: a caller may keep the old one
+        assert [i["step"] for i in venv.infos] == [t, t] and not any(i["informative"] for i in venv.infos)
+        assert all(i["question"] == (t == steps - 1) for i in venv.infos)
+    _, _, dones, _ = venv.step(np.zeros(2, dtype=np.int64))
+    assert dones.all() and [i["step"] for i in venv.infos] == [0, 0] and all(i["informative"] for i in venv.infos)
+    # a random cue step: the flag is the episode's own at the current step
+    venv = VecEnv("cue-random-d50", 3, seed=1)
+    venv.reset()
+    for _ in range(30):
+        for env, info in zip(venv.envs, venv.infos, strict=True):
+            assert info["informative"] == bool(env.unwrapped._episode.informative[0, info["step"]])
+        venv.step(np.zeros(3, dtype=np.int64))
+    b = VecEnv("cue-random-d50", 3, seed=1)
+    b.load_state_dict(venv.state_dict())
+    assert b.infos == [{}, {}, {}]  # infos are not saved: unknown until the next step
