@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ham_rl.agents.policy import RecurrentActorCritic
 from ham_rl.envs import VecEnv
 from ham_rl.memory import MemoryState
+from ham_rl.routing import RoutingTrace, informative_flags
 
 __all__ = ["PPO", "PPOConfig", "NonFiniteLossError"]
 
@@ -160,6 +161,11 @@ class PPO:
         self.ep_lengths: deque[int] = deque(maxlen=100)
         # the last rollouts (whole ones, oldest first) for the episode context of the update, with their start states
         self.context = EpisodeContext(cfg.context_steps, T, B, D, self.device)
+        #: when set, each rollout's routing (what the memory cached, and the envs' informative flags) is added to it;
+        #: the trainer sets it only around the updates that log a cache picture, as recording costs per step. Not
+        #: part of the checkpoint: a resumed run starts a new trace.
+        self.routing_trace: RoutingTrace | None = None
+        self._routing_buffers: tuple[Tensor, Tensor, np.ndarray] | None = None  # routed, scores, informative [T, B]
 
     # ------------------------------------------------------------------------------------------------------------
     def collect_rollout(self) -> dict:
@@ -168,6 +174,14 @@ class PPO:
         # memory state of every env at rollout start: the update replays each env row from it (a copy, as the rollout
         # steps the memory in place)
         self.state0 = self.state.compact().clone()
+        record = self.routing_trace is not None and agent.memory.has_cache
+        if record and self._routing_buffers is None:
+            T, B = self.starts.shape
+            self._routing_buffers = (
+                torch.zeros((T, B), dtype=torch.bool, device=dev),
+                torch.zeros((T, B), device=dev),
+                np.zeros((T, B), dtype=np.int8),
+            )
         with torch.no_grad():
             for t in range(self.cfg.num_steps):
                 self._check_finite(self.next_obs, "observation features", t)
@@ -176,6 +190,8 @@ class PPO:
                 x = torch.from_numpy(self.next_obs).to(dev)
                 start = torch.from_numpy(self.next_start).to(dev)
                 action, logp, value, self.state = agent.step(x, self.state, start)
+                if record:
+                    record = self._record_routing(t)
                 self.actions[t] = action
                 self.logprobs[t] = logp
                 self.values[t] = value
@@ -193,11 +209,24 @@ class PPO:
                 torch.from_numpy(self.next_obs).to(dev), self.state, torch.from_numpy(self.next_start).to(dev)
             )
         self.global_step += self.cfg.batch_size
+        if record:
+            routed, scores, informative = self._routing_buffers
+            self.routing_trace.add_steps(routed.cpu().numpy(), self.starts, self.dones, informative, scores.cpu().numpy())
         dones_t = torch.from_numpy(self.dones).to(dev)
         n_done = int(self.dones.sum())
         has_cache = self.state.cache is not None
         kv_len_mean = float(self.cache_len[dones_t].float().mean()) if n_done and has_cache else None
         return {"episodes": n_done, "kv_len_mean": kv_len_mean}
+
+    def _record_routing(self, t: int) -> bool:
+        """Keep step t's routing (the memory's last step) and the informative flags of the observations it read."""
+        routing = self.agent.memory.last_routing
+        if routing is None:  # a cache without a router: nothing to record
+            return False
+        routed, scores, informative = self._routing_buffers
+        scores[t], routed[t] = routing
+        informative[t] = informative_flags(self.venv.infos)  # venv.step has not run yet: the infos of x
+        return True
 
     def _check_finite(self, values: np.ndarray, what: str, t: int) -> None:
         """Stop on a NaN or infinite env output before it reaches the memory (one line naming the env and step)."""

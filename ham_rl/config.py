@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 __all__ = [
+    "CACHE_FIGURE_EVERY",
     "CONFIG_DIR",
     "CONFIG_PACKAGE",
     "ConfigError",
@@ -31,9 +32,13 @@ CONFIG_DIR = Path(str(importlib.resources.files("ham_rl.configs"))).resolve()
 #: keys that may differ between a run and its resumption: how it runs, not what it computes, and total_timesteps to
 #: extend a run (the learning-rate schedule then anneals over the new length from the resumed update on)
 RESUME_MAY_CHANGE = frozenset(
-    {"resume", "run_dir", "device", "torch_threads", "progress", "tensorboard", "checkpoint_every", "stop_after_updates",
-     "total_timesteps"}
+    {"resume", "run_dir", "device", "torch_threads", "progress", "tensorboard", "cache_figure_every", "checkpoint_every",
+     "stop_after_updates", "total_timesteps"}
 )  # fmt: skip
+
+
+#: ``cache_figure_every`` of a run whose config.yaml predates the key
+CACHE_FIGURE_EVERY = 25
 
 
 class ConfigError(ValueError):
@@ -54,6 +59,9 @@ def validate_root(cfg: DictConfig) -> None:
         raise ConfigError(f"checkpoint_every must be an int >= 1, got {cfg.checkpoint_every!r}")
     if cfg.stop_after_updates is not None and (not _is_int(cfg.stop_after_updates) or cfg.stop_after_updates < 1):
         raise ConfigError(f"stop_after_updates must be null or an int >= 1, got {cfg.stop_after_updates!r}")
+    every = cfg.get("cache_figure_every", CACHE_FIGURE_EVERY)
+    if not _is_int(every) or every < 0:
+        raise ConfigError(f"cache_figure_every must be an int >= 0 (0 = no cache pictures), got {every!r}")
     if not _is_int(cfg.torch_threads) or cfg.torch_threads < 0:
         raise ConfigError(f"torch_threads must be an int >= 0 (0 = torch default), got {cfg.torch_threads!r}")
     for key in ("progress", "tensorboard", "env.prev_action", "env.prev_reward"):

@@ -6,6 +6,14 @@
 
 Other keys: num_envs (parallel eval envs), seed (eval env seed; default: the run's seed + 1000, so the episodes
 differ from training's), deterministic (argmax actions, default true), device, torch_threads.
+
+What the cache kept (``ham_rl.routing``), for memories that route steps to a cache (ham, ham-learned, attention,
+window, hqlt): each result reports ``step0_cached`` (episodes whose first step was cached) and
+``cached_per_episode``, and, where the env marks informative steps (``info["informative"]``: the recall envs),
+``cache_recall`` (informative steps cached) and ``cache_precision`` (cached steps that were informative); None
+elsewhere. ``cache.png`` in the run dir shows the episodes (step across, episode down, cached filled, informative
+outlined) at the first threshold evaluated (the trained one by default); a sweep adds ``cache_tau<tau>.png`` per
+threshold.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from ham_rl.agents import RecurrentActorCritic
 from ham_rl.checkpoint import CheckpointError, load_checkpoint
 from ham_rl.config import ConfigError, memory_kwargs, resolve_device
 from ham_rl.envs import VecEnv
+from ham_rl.routing import RoutingTrace, informative_flags
 
 __all__ = ["evaluate_policy", "evaluate_run", "main"]
 
@@ -30,11 +39,17 @@ EVAL_KEYS = ("memory.threshold", "episodes", "num_envs", "seed", "deterministic"
 
 
 def evaluate_policy(
-    agent: RecurrentActorCritic, venv: VecEnv, episodes: int, deterministic: bool = True, device: torch.device | str = "cpu"
+    agent: RecurrentActorCritic,
+    venv: VecEnv,
+    episodes: int,
+    deterministic: bool = True,
+    device: torch.device | str = "cpu",
+    trace: RoutingTrace | None = None,
 ) -> list[float]:
     """Returns of ``episodes`` complete episodes; env i contributes ``episodes // B`` (+1 for the first remainder).
 
-    Each env's quota is fixed up front, so short episodes are not over-represented.
+    Each env's quota is fixed up front, so short episodes are not over-represented. ``trace``: record the routing
+    of the same episodes into it (nothing is recorded for a memory without a cache router).
     """
     b = venv.num_envs
     quota = np.array([episodes // b + (1 if i < episodes % b else 0) for i in range(b)])
@@ -43,10 +58,17 @@ def evaluate_policy(
     state = agent.initial_state(b, device=device)
     with torch.no_grad():
         while any(len(got[i]) < quota[i] for i in range(b)):
+            informative = informative_flags(venv.infos) if trace is not None else None  # of the observation x
             action, _, _, state = agent.step(
                 torch.from_numpy(x).to(device), state, torch.from_numpy(start).to(device), deterministic=deterministic
             )
+            routing = agent.memory.last_routing
+            was_start = start
             x, _, start, finished = venv.step(agent.action_head.to_env(action))
+            if trace is not None and routing is not None:
+                score, routed = (t.cpu().numpy()[None] for t in routing)
+                active = np.array([len(got[i]) < quota[i] for i in range(b)])  # envs whose episode still counts
+                trace.add_steps(routed, was_start[None], start[None], informative[None], score, active=active)
             for i, ret, _ in finished:
                 if len(got[i]) < quota[i]:
                     got[i].append(ret)
@@ -77,7 +99,8 @@ def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool =
     """Evaluate the last checkpoint of ``run_dir`` at one or several thresholds.
 
     :param options: keys of ``EVAL_KEYS``; ``memory.threshold`` may be a float or a list of floats
-    :return: one dict per threshold: threshold, mean_return, std_return, kv_fraction, episodes
+    :return: one dict per threshold: threshold, mean_return, std_return, kv_fraction, episodes, and what the cache
+        kept: cache_recall, cache_precision, step0_cached, cached_per_episode (None where not applicable)
     """
     run_dir, opts = Path(run_dir), dict(options or {})
     if not (run_dir / "config.yaml").is_file():
@@ -134,7 +157,8 @@ def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool =
             mem.set_threshold(float(tau))
         mem.end_update()  # reset the routing counters
         torch.manual_seed(seed)
-        returns = evaluate_policy(agent, venv, episodes, deterministic=deterministic, device=device)
+        trace = RoutingTrace()
+        returns = evaluate_policy(agent, venv, episodes, deterministic=deterministic, device=device, trace=trace)
         stats = mem.end_update()
         if tau is not None:
             mem.set_threshold(float(tau))  # undo a target-fraction feedback step
@@ -144,15 +168,26 @@ def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool =
             "std_return": float(np.std(returns)),
             "kv_fraction": stats.get("kv_fraction"),
             "episodes": len(returns),
+            **trace.summary(),
         }
         results.append(res)
+        tau_s = "-" if tau is None else f"{float(tau):g}"
+        names = (["cache.png"] if len(results) == 1 else []) + ([f"cache_tau{tau_s}.png"] if len(taus) > 1 else [])
+        pictures = _write_cache_pictures(trace, f"{name} on {cfg.env.id}, threshold {tau_s}", [run_dir / n for n in names])
         if not quiet:
             kv = "-" if res["kv_fraction"] is None else f"{res['kv_fraction']:.4f}"
-            tau_s = "-" if tau is None else f"{float(tau):g}"
+            kept = (
+                f"; cache recall {_fmt(res['cache_recall'])} precision {_fmt(res['cache_precision'])} "
+                f"step0_cached {_fmt(res['step0_cached'])} cached/episode {_fmt(res['cached_per_episode'], '.2f')}"
+                if trace.num_episodes
+                else ""
+            )
             print(
                 f"{name} {cfg.env.id} threshold={tau_s}: mean return {res['mean_return']:.4f} "
-                f"± {res['std_return']:.4f} (std over {res['episodes']} episodes), kv_fraction {kv}"
+                f"± {res['std_return']:.4f} (std over {res['episodes']} episodes), kv_fraction {kv}{kept}"
             )
+            for path in pictures:
+                print(f"wrote {path}")
     venv.close()
     if len(results) > 1:
         _write_sweep(run_dir, results, title=f"{name} on {cfg.env.id}")
@@ -161,8 +196,23 @@ def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool =
     return results
 
 
+def _fmt(v: float | None, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _write_cache_pictures(trace: RoutingTrace, title: str, paths: list[Path]) -> list[Path]:
+    """The trace's raster at each of ``paths``; none where no routing was recorded (a memory without a router)."""
+    if trace.num_episodes == 0 or not paths:
+        return []
+    fig = trace.raster_figure(title=title)
+    for path in paths:
+        fig.savefig(path, dpi=110)
+    return paths
+
+
 def _write_sweep(run_dir: Path, results: list[dict], title: str) -> None:
-    cols = ["threshold", "mean_return", "std_return", "kv_fraction", "episodes"]
+    cols = ["threshold", "mean_return", "std_return", "kv_fraction", "episodes", "cache_recall", "cache_precision",
+            "step0_cached", "cached_per_episode"]  # fmt: skip
     with open(run_dir / "sweep.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)

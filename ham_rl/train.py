@@ -6,6 +6,9 @@
     python -m ham_rl.train resume=runs/2026-11-21/12-00-00_ham_s0    # continue exactly from the last checkpoint
 
 The run directory (format in ham_rl/runlog.py) gets config.yaml, metrics.csv, summary.json, checkpoints/, tb/.
+Every ``cache_figure_every`` updates TensorBoard also gets what the cache kept in that rollout (``ham_rl.routing``):
+the picture ``memory/cache`` and the scalars ``memory/cache_recall``, ``memory/cache_precision`` (recall envs only),
+``memory/step0_cached`` and ``memory/cached_per_episode``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from ham_rl.agents import PPO, NonFiniteLossError, PPOConfig, RecurrentActorCritic
 from ham_rl.checkpoint import CheckpointError, load_checkpoint, remove_stale_temp_files, save_checkpoint
 from ham_rl.config import (
+    CACHE_FIGURE_EVERY,
     CONFIG_PACKAGE,
     RESUME_MAY_CHANGE,
     ConfigError,
@@ -37,6 +41,7 @@ from ham_rl.config import (
     validate_root,
 )
 from ham_rl.envs import VecEnv, resolve_env_id
+from ham_rl.routing import RoutingTrace
 from ham_rl.runlog import MetricsCSV, summarise, write_json_atomic
 
 __all__ = ["TrainingStopped", "build", "main", "prepare_config", "resume_config", "train"]
@@ -183,6 +188,42 @@ def _start_run_dir(run_dir: Path, cfg: DictConfig) -> None:
         raise ConfigError(f"run_dir={run_dir} cannot be written: {e.strerror or e}") from None
 
 
+def _records_routing(ppo: PPO, every: int) -> bool:
+    """Whether the next update records routing: the one that logs the cache picture, and as many before it as the
+    longest episode so far spans rollouts, so that the episodes ending in that update are recorded from their start."""
+    n, steps = ppo.update + 1, ppo.cfg.num_steps
+    lead = -(-(max(ppo.ep_lengths, default=steps) - 1) // steps)  # rollouts back to the earliest start
+    until_picture = -n % every  # 0 when update n draws one
+    return until_picture <= lead
+
+
+def _arm_routing(ppo: PPO, every: int, due: bool) -> None:
+    """Give the next update a routing trace if it records (its finished episodes dropped before a picture's update).
+
+    ``due``: a picture's update ended no episode (fixed-length episodes end in step across the envs), so the next
+    update that ends some draws it."""
+    if not (due or _records_routing(ppo, every)):
+        ppo.routing_trace = None
+        return
+    if ppo.routing_trace is None:
+        ppo.routing_trace = RoutingTrace()
+    if (ppo.update + 1) % every == 0:
+        ppo.routing_trace.drop_finished()  # the picture shows the episodes that end in its own rollout
+
+
+def _log_cache_picture(writer, ppo: PPO, title: str) -> bool:
+    """``memory/cache`` and its scalars for the episodes the trace holds; False where it holds none."""
+    trace = ppo.routing_trace
+    if trace is None or trace.num_episodes == 0:
+        return False
+    writer.add_figure("memory/cache", trace.raster_figure(title=title), ppo.global_step)
+    for key, value in trace.summary().items():
+        if value is not None:
+            writer.add_scalar(f"memory/{key}", value, ppo.global_step)
+    trace.drop_finished()
+    return True
+
+
 def _fmt(v, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec)
 
@@ -267,6 +308,9 @@ def train(cfg: DictConfig) -> dict:
         writer = SummaryWriter(str(run_dir / "tb"), purge_step=ppo.global_step + 1 if ckpt is not None else None)
         if ckpt is None:
             writer.add_text("config", "```\n" + OmegaConf.to_yaml(cfg) + "\n```")
+    routes = writer is not None and ppo.agent.memory.has_cache  # gru, lstm, mlp, gdn: no cache, no picture
+    figure_every = int(cfg.get("cache_figure_every", CACHE_FIGURE_EVERY)) if routes else 0
+    picture_due = False
 
     from tqdm.auto import tqdm
 
@@ -300,6 +344,8 @@ def train(cfg: DictConfig) -> dict:
     old_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         while ppo.update < ppo.num_updates:
+            if figure_every:
+                _arm_routing(ppo, figure_every, picture_due)
             try:
                 stats = ppo.iterate()
             except NonFiniteLossError as e:
@@ -325,6 +371,9 @@ def train(cfg: DictConfig) -> dict:
                 for k, v in stats.items():
                     if v is not None and np.isfinite(v):
                         writer.add_scalar(k, v, ppo.global_step)
+                if figure_every and (picture_due or ppo.update % figure_every == 0):
+                    title = f"{cfg.memory.name} on {cfg.env.id}, update {ppo.update}"
+                    picture_due = not _log_cache_picture(writer, ppo, title)
             pbar.update(ppo_cfg.batch_size)
             pbar.set_postfix(ret=_fmt(stats["rollout/ep_rew_mean"]), sps=f"{fps:.0f}", refresh=False)
             stop = cfg.stop_after_updates is not None and updates_here >= cfg.stop_after_updates

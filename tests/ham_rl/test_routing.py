@@ -1,10 +1,18 @@
 """ham_rl.routing: recall / precision / step-0 / per-episode counts on hand-made traces, episode assembly from
-rollout arrays, the raster picture."""
+rollout arrays, the raster picture; what ham_rl.evaluate and the trainer's TensorBoard make of it on tiny runs."""
+
+import csv
+import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
+from train_helpers import cfg_of, params
 
+from ham_rl.evaluate import evaluate_run
 from ham_rl.routing import RoutingTrace, informative_flags
+from ham_rl.train import _records_routing, train
 
 
 def trace_of(*episodes) -> RoutingTrace:
@@ -111,3 +119,76 @@ def test_raster_figure(tmp_path):
     assert not RoutingTrace().raster_figure().axes[0].collections
     with pytest.raises(ValueError, match="max_episodes and max_steps must be >= 1, got 0 and 10"):
         tr.raster_figure(max_episodes=0, max_steps=10)
+
+
+def test_evaluate_reports_what_the_cache_kept_on_a_cue_env(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(cfg_of(f"run_dir={run}", "env=cue-random-d50", "total_timesteps=128", "memory.num_heads=2"))
+    res = evaluate_run(run, {"episodes": 4}, quiet=False)[0]
+    # an episode's first step is always cached at tau 0.5: nothing is in the RNN yet, so its score is 1
+    assert res["threshold"] == 0.5 and res["step0_cached"] == 1.0 and res["cached_per_episode"] >= 1
+    assert 0 <= res["cache_recall"] <= 1 and 0 <= res["cache_precision"] <= 1
+    out = capsys.readouterr().out
+    assert "cache recall" in out and "step0_cached 1.000" in out and f"wrote {run / 'cache.png'}" in out
+    assert (run / "cache.png").stat().st_size > 0
+    # the ends of the threshold: everything cached (recall 1, precision 1 cue in 52 steps), then nothing cached
+    (run / "cache.png").unlink()
+    low, mid, high = evaluate_run(run, {"episodes": 4, "memory.threshold": [-math.inf, 0.5, math.inf]}, quiet=True)
+    assert low["cache_recall"] == 1.0 and low["cache_precision"] == pytest.approx(1 / 52)
+    assert low["cached_per_episode"] == 52.0 and low["step0_cached"] == 1.0
+    assert mid["cache_recall"] == res["cache_recall"] and mid["cache_precision"] == res["cache_precision"]
+    assert high["cache_recall"] == 0.0 and high["cache_precision"] is None and high["cached_per_episode"] == 0.0
+    for name in ("cache.png", "cache_tau-inf.png", "cache_tau0.5.png", "cache_tauinf.png"):
+        assert (run / name).stat().st_size > 0, name
+    rows = list(csv.DictReader(open(run / "sweep.csv")))
+    assert [r["cache_recall"] for r in rows] == ["1.0", str(res["cache_recall"]), "0.0"] and rows[2]["cache_precision"] == ""
+
+
+def test_a_memory_without_a_router_reports_none_and_draws_nothing(tmp_path):
+    run = tmp_path / "run"
+    train(cfg_of(f"run_dir={run}", "env=cue-random-d50", "memory=gru", "total_timesteps=128", "tensorboard=true",
+                 "cache_figure_every=1"))  # fmt: skip
+    res = evaluate_run(run, {"episodes": 2}, quiet=True)[0]
+    assert [res[k] for k in ("cache_recall", "cache_precision", "step0_cached", "cached_per_episode")] == [None] * 4
+    assert not (run / "cache.png").exists()
+    assert "memory/cache" not in _tb_tags(run)["images"]
+
+
+def _tb_tags(run) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    return acc.Tags()
+
+
+def test_training_logs_the_cache_picture_and_recording_changes_nothing(tmp_path):
+    common = ["env=cue-random-d50", "agent.num_steps=32", "total_timesteps=256", "memory.num_heads=2"]
+    train(cfg_of(f"run_dir={tmp_path / 'tb'}", *common, "tensorboard=true", "cache_figure_every=1"))
+    tags = _tb_tags(tmp_path / "tb")
+    assert "memory/cache" in tags["images"]  # update 2: the 4 episodes that began at step 0 end at step 51
+    assert {"memory/cache_recall", "memory/cache_precision", "memory/step0_cached"} <= set(tags["scalars"])
+    train(cfg_of(f"run_dir={tmp_path / 'plain'}", *common))
+    a, b = params(tmp_path / "tb"), params(tmp_path / "plain")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize(
+    "update, longest, every, records",
+    [
+        (0, None, 25, False),  # update 1: the picture is at 25, the episodes seen so far span one rollout
+        (23, [40], 25, True),  # update 24 records for 25's episodes that began in 24
+        (24, [40], 25, True),
+        (25, [40], 25, False),
+        (20, [200], 25, True),  # 200-step episodes over 64-step rollouts: from 4 updates before the picture
+        (19, [200], 25, False),
+        (23, [65], 25, True),  # a 65-step episode ending at update 25's first step began at update 24's first
+        (22, [65], 25, False),
+        (22, [66], 25, True),  # one step longer: at update 23's last
+        (7, None, 1, True),  # every update logs: always recording
+    ],
+)
+def test_routing_is_recorded_only_around_the_picture_updates(update, longest, every, records):
+    ppo = SimpleNamespace(update=update, ep_lengths=longest or [], cfg=SimpleNamespace(num_steps=64))
+    assert _records_routing(ppo, every) is records

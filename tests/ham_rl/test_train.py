@@ -43,9 +43,13 @@ def test_run_dir_format(tmp_path):
     # evaluate: one threshold, then a sweep writing sweep.csv / sweep.png
     res = evaluate_run(run, {"episodes": 4, "memory.threshold": 0.2}, quiet=True)
     assert res[0]["episodes"] == 4 and res[0]["threshold"] == 0.2 and res[0]["kv_fraction"] is not None
+    assert res[0]["cache_recall"] is None and res[0]["step0_cached"] is not None  # POPGym marks no informative steps
+    assert (run / "cache.png").stat().st_size > 0
     evaluate_run(run, {"episodes": 2, "memory.threshold": [0.0, 0.5, 2.0]}, quiet=True)
     rows = list(csv.reader(open(run / "sweep.csv")))
-    assert rows[0] == ["threshold", "mean_return", "std_return", "kv_fraction", "episodes"] and len(rows) == 4
+    assert rows[0][:5] == ["threshold", "mean_return", "std_return", "kv_fraction", "episodes"] and len(rows) == 4
+    assert rows[0][5:] == ["cache_recall", "cache_precision", "step0_cached", "cached_per_episode"]
+    assert rows[1][5] == "" and rows[1][7] != ""  # POPGym marks no informative steps: no recall; step 0 is known
     assert float(rows[1][3]) >= float(rows[3][3])  # a higher threshold stores fewer tokens
     assert (run / "sweep.png").stat().st_size > 0
     assert float(params(run)["memory.tau"]) == 0.5  # evaluate never writes the checkpoint
@@ -82,6 +86,7 @@ def test_resume_continues_exactly(tmp_path, memory):
         (["total_timesteps=10"], "total_timesteps"),
         (["device=tpu"], "device"),
         (["memory.threshold=[0.1,0.2]"], "sweep is for ham_rl.evaluate"),
+        (["cache_figure_every=-1"], r"cache_figure_every must be an int >= 0 \(0 = no cache pictures\), got -1"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, overrides, match):
