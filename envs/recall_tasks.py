@@ -13,6 +13,10 @@ Cue recall: observation ``[cue one-hot (num_cues) | question flag | distractor o
 ``delay + 2`` steps; the cue at a step drawn uniformly from ``[0, cue_steps)`` (``cue_steps=1``: step 0), the
 question at the last step, distractors everywhere else. Reward +1 right, -1 wrong, so a policy that guesses
 scores ``(1/k)(+1) + (1 - 1/k)(-1) = (2 - k)/k`` (k = num_cues; -0.5 for 4 cues, 0 for 2).
+With one cue in every episode an agent need not store the last of the k cues: "none of the others" names it, so
+a trained agent keeps k - 1 of them and the cache recall of a router cannot reach 1. ``blank_fraction`` > 0 shows
+no cue in that fraction of episodes, whose answer is an extra action k ("no cue"): every cue must then be kept,
+and the informative steps are exactly the ones the answer needs (k + 1 actions; chance ``(1 - k)/(k + 1)``).
 
 Associative recall: observation ``[key one-hot (num_keys) | value one-hot (num_values) | question flag |
 distractor one-hot]``; ``num_pairs`` distinct keys with values (drawn with replacement) at random distinct steps
@@ -87,8 +91,12 @@ def cue_recall_batch(
     cue_steps: int = 1,
     distractors: str = "periodic",
     distractor_width: int = 8,
+    blank_fraction: float = 0.0,
 ) -> RecallBatch:
     """``n`` cue-recall episodes of ``delay + 2`` steps (see the module docstring)."""
+    bad = isinstance(blank_fraction, bool) or not isinstance(blank_fraction, (int, float))
+    if bad or not 0.0 <= blank_fraction < 1.0:
+        raise ValueError(f"`blank_fraction` must be a number in [0, 1), got {blank_fraction!r}")
     num_cues, delay = _check_int("num_cues", num_cues, 2), _check_int("delay", delay, 0)
     cue_steps = _check_int("cue_steps", cue_steps, 1, delay + 1)
     width, kind = _check_int("distractor_width", distractor_width, 1), _check_distractors(distractors)
@@ -99,13 +107,15 @@ def cue_recall_batch(
     obs[rows[:, None], np.arange(steps - 1)[None, :], num_cues + 1 + sym] = 1.0
     cue = rng.integers(num_cues, size=n)
     cue_at = rng.integers(cue_steps, size=n)
-    obs[rows, cue_at] = 0.0  # the cue replaces that step's distractor
-    obs[rows, cue_at, cue] = 1.0
+    # Drawn for every n (even at 0) so that blank_fraction=0 gives the episodes of before it existed.
+    shown = rng.random(n) >= blank_fraction if blank_fraction > 0 else np.ones(n, dtype=bool)
+    obs[rows[shown], cue_at[shown]] = 0.0  # the cue replaces that step's distractor
+    obs[rows[shown], cue_at[shown], cue[shown]] = 1.0
     obs[:, -1, num_cues] = 1.0
     answers = np.full((n, steps), -1, dtype=np.int64)
-    answers[:, -1] = cue
+    answers[:, -1] = np.where(shown, cue, num_cues)
     informative = np.zeros((n, steps), dtype=bool)
-    informative[rows, cue_at] = True
+    informative[rows[shown], cue_at[shown]] = True
     return RecallBatch(obs, answers, informative)
 
 
@@ -153,7 +163,7 @@ def associative_recall_batch(
 def chance_return(task: str, **kwargs: Any) -> float:
     """Expected episode return of a uniformly random policy on ``task`` ("cue" or "associative")."""
     if task == "cue":
-        k = kwargs.get("num_cues", 4)
+        k = kwargs.get("num_cues", 4) + (1 if kwargs.get("blank_fraction", 0.0) > 0 else 0)
         return (2 - k) / k
     if task == "associative":
         return 1.0 / kwargs.get("num_values", 8)
@@ -202,7 +212,8 @@ class _RecallEnv(gym.Env):
 
 
 class CueRecallEnv(_RecallEnv):
-    """Name the cue (one of ``num_cues``) shown once, ``delay`` steps or fewer before the question; +1 / -1."""
+    """Name the cue (one of ``num_cues``, or "no cue" where ``blank_fraction`` > 0) shown once, ``delay`` steps or
+    fewer before the question; +1 / -1."""
 
     def __init__(
         self,
@@ -211,10 +222,11 @@ class CueRecallEnv(_RecallEnv):
         cue_steps: int = 1,
         distractors: str = "periodic",
         distractor_width: int = 8,
+        blank_fraction: float = 0.0,
     ):
         kwargs = dict(num_cues=num_cues, delay=delay, cue_steps=cue_steps, distractors=distractors,
-                      distractor_width=distractor_width)  # fmt: skip
-        super().__init__(cue_recall_batch, kwargs, num_cues, 1.0, -1.0)
+                      distractor_width=distractor_width, blank_fraction=blank_fraction)  # fmt: skip
+        super().__init__(cue_recall_batch, kwargs, num_cues + (1 if blank_fraction > 0 else 0), 1.0, -1.0)
 
 
 class AssociativeRecallEnv(_RecallEnv):
@@ -246,6 +258,12 @@ PRESETS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "cue-first-d50": ("ham_rl/CueRecallFirstD50-v0", "cue", dict(delay=50)),
     "cue-random-d50": ("ham_rl/CueRecallRandomD50-v0", "cue", dict(delay=50, cue_steps=25)),
     "cue-random-d50-noise": ("ham_rl/CueRecallRandomD50Noise-v0", "cue", dict(delay=50, cue_steps=25, distractors="random")),
+    "cue-blank-d50": ("ham_rl/CueRecallBlankD50-v0", "cue", dict(delay=50, cue_steps=25, blank_fraction=0.2)),
+    "cue-blank-d50-noise": (
+        "ham_rl/CueRecallBlankD50Noise-v0",
+        "cue",
+        dict(delay=50, cue_steps=25, blank_fraction=0.2, distractors="random"),
+    ),
     "cue-random-d200": ("ham_rl/CueRecallRandomD200-v0", "cue", dict(delay=200, cue_steps=100)),
     "ar-2": ("ham_rl/AssociativeRecall2-v0", "associative", dict(num_pairs=2, context_len=32, num_questions=32)),
     "ar-4": ("ham_rl/AssociativeRecall4-v0", "associative", dict(num_pairs=4, context_len=64, num_questions=32)),

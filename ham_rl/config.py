@@ -82,6 +82,24 @@ def resolve_device(device: str) -> torch.device:
     raise ConfigError(f"device must be one of cpu, cuda, auto, got {device!r}")
 
 
+#: memories whose saved configs from before 2026-12-01 (no ``conv_path`` key) ran the convolution on q, k, v
+_CONV_PATH_MEMORIES = ("ham", "ham-learned", "gdn", "attention", "window", "hqlt")
+
+
+def load_run_config(run_dir: str | Path) -> DictConfig:
+    """A run dir's ``config.yaml``, with the settings of its time filled in where a default changed since.
+
+    Runs saved before ``memory.conv_path`` existed had the short convolution on q, k, v; without the key they would
+    be rebuilt with today's default and no longer fit their checkpoint.
+    """
+    cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
+    mem = cfg.get("memory")
+    if isinstance(mem, DictConfig) and mem.get("name") in _CONV_PATH_MEMORIES and "conv_path" not in mem:
+        if mem.get("conv_size", 4):
+            mem.conv_path = "qkv"
+    return cfg
+
+
 def memory_kwargs(memory_cfg: DictConfig) -> tuple[str, int, dict]:
     """Split the memory group into ``(name, hidden_size, options for make_memory)``; None options are dropped."""
     mem = OmegaConf.to_container(memory_cfg, resolve=True)

@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 
 from ham_rl.agents import RecurrentActorCritic
 from ham_rl.checkpoint import CheckpointError, load_checkpoint
-from ham_rl.config import ConfigError, memory_kwargs, resolve_device
+from ham_rl.config import ConfigError, load_run_config, memory_kwargs, resolve_device
 from ham_rl.envs import VecEnv
 from ham_rl.routing import RoutingTrace, informative_flags
 
@@ -105,7 +105,7 @@ def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool =
     run_dir, opts = Path(run_dir), dict(options or {})
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} is not a ham_rl run directory (no config.yaml)")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir)
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     episodes = opts.get("episodes", 100)
     if not isinstance(episodes, int) or isinstance(episodes, bool) or episodes < 1:

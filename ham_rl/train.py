@@ -36,6 +36,7 @@ from ham_rl.config import (
     RESUME_MAY_CHANGE,
     ConfigError,
     config_diff,
+    load_run_config,
     memory_kwargs,
     resolve_device,
     validate_root,
@@ -84,7 +85,7 @@ def resume_config(run_dir: str | Path, overrides: list[str]) -> DictConfig:
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"resume={run_dir}: no config.yaml there, not a ham_rl run directory")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir)
     cfg.stop_after_updates = None
     for override in overrides:
         key, sep, _ = override.lstrip("+~").partition("=")
@@ -264,7 +265,7 @@ def train(cfg: DictConfig) -> dict:
     if cfg.resume is not None:
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"resume={run_dir}: no config.yaml there, not a ham_rl run directory")
-        saved = OmegaConf.load(run_dir / "config.yaml")
+        saved = load_run_config(run_dir)
         diff = config_diff(saved, cfg)
         if diff:
             raise ConfigError(f"resume={run_dir} was run with another config: {'; '.join(diff)} (saved -> given)")

@@ -103,6 +103,9 @@ class Memory(nn.Module):
         self.input_size = _check_positive_int("input_size", input_size)
         self.hidden_size = _check_positive_int("hidden_size", hidden_size)
         self.time_embedding = TimeEmbedding(input_size) if time_feature else None
+        #: ``(score [B], routed [B] bool)`` of the last ``step()`` call, for memories that route tokens to a cache
+        #: (None otherwise): what evaluation and the trainer's cache pictures read to see which steps were cached
+        self.last_routing: tuple[Tensor, Tensor] | None = None
 
     # -- what subclasses implement -------------------------------------------------------------------------
     def _initial_rnn(self, batch_size: int, device: torch.device | str | None) -> tuple[Tensor, ...]:

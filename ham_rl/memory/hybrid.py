@@ -21,16 +21,19 @@ from torch import Tensor, nn
 
 from ham_rl.kernels.cache_attention import cache_attention
 from ham_rl.kernels.gated_delta_rule import gated_delta_rule
-from ham_rl.kernels.ham_step import ham_step, plan_cache, seen_candidates, surprise_score
+from ham_rl.kernels.ham_step import SCORES, ham_step, plan_cache, seen_candidates, surprise_score
+from ham_rl.kernels.nonfinite import zero_rows
 from ham_rl.memory.base import Memory
 from ham_rl.memory.l2norm import l2norm
 from ham_rl.memory.short_conv import FOLD_MAX_INPUTS, ShortConv, folded_short_conv
 from ham_rl.memory.state import KVCache, MemoryState
 
-__all__ = ["HybridMemory", "ROUTERS"]
+__all__ = ["CONV_PATHS", "HybridMemory", "ROUTERS"]
 
 #: surprise: min over heads of 1 - cos(v_hat, v); learned: sigmoid(MLP(x)); all: every token (window memories)
 ROUTERS = ("surprise", "learned", "all")
+#: where the short convolution runs: on a path of its own into the readout, or on q, k, v (Gated DeltaNet's place)
+CONV_PATHS = ("local", "qkv")
 
 
 class HybridMemory(Memory):
@@ -48,10 +51,16 @@ class HybridMemory(Memory):
     :param threshold_lr: step size eta of the feedback rule
     :param capacity: most cache entries per env (0: unbounded); a full cache evicts its lowest-score entry
     :param fixed_decay: use decay alpha = 1 instead of the learned gate
-    :param conv_size: width of the causal short convolution on q, k, v (Gated DeltaNet's; 0 turns it off). It gives
-        the layer the last few steps cheaply (POPGym RepeatPrevious needs it), but it mixes each step with its
-        neighbours before keys, values and the router's score are formed, which slows recall learning 4-8x
-        (docs/recall.md): use 0 for recall at an unknown step
+    :param conv_size: width of the causal short convolution (0 turns it off). It gives the layer the last few steps
+        cheaply (POPGym RepeatPrevious needs it)
+    :param score: how the surprise router scores a token: ``"cosine"``, ``min_h 1 - cos(v_hat, v)`` (the spec's,
+        scale-free), or ``"error"``, the RMS prediction error ``min_h ||v - v_hat|| / sqrt(d)``, which keeps the
+        value's scale (``kernels/ham_step/reference.py``; docs/ham.md compares them)
+    :param conv_path: ``"local"``: the convolution runs on a path of its own, ``SiLU(conv(W_l x))`` added to the
+        readout through a per-head gate, so q, k, v and the router's score are the step's own; ``"qkv"``: Gated
+        DeltaNet's place, before q, k, v, which mixes each step with its neighbours before keys, values and the
+        score are formed (recall at an unknown step is learned 4-8x later, docs/recall.md; the layout before
+        2026-12-01)
     :param time_feature: add the step-in-episode embedding to the input; off by default, as an absolute clock in keys,
         values and queries blocks recall at an unknown step (docs/recall.md); the RNN path carries order
     """
@@ -73,6 +82,8 @@ class HybridMemory(Memory):
         fixed_decay: bool = False,
         conv_size: int = 4,
         time_feature: bool = False,
+        conv_path: str = "local",
+        score: str = "cosine",
     ):
         super().__init__(input_size, hidden_size, time_feature)
         if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0 or hidden_size % num_heads:
@@ -87,6 +98,10 @@ class HybridMemory(Memory):
             raise ValueError(f"`capacity` must be an int >= 0 (0 = unbounded), got {capacity!r}")
         if isinstance(conv_size, bool) or not isinstance(conv_size, int) or conv_size < 0:
             raise ValueError(f"`conv_size` must be an int >= 0 (0 = no convolution), got {conv_size!r}")
+        if score not in SCORES:
+            raise ValueError(f"`score` must be one of {', '.join(SCORES)}, got {score!r}")
+        if conv_path not in CONV_PATHS:
+            raise ValueError(f"`conv_path` must be one of {', '.join(CONV_PATHS)}, got {conv_path!r}")
         if target_fraction is not None and not 0.0 <= target_fraction <= 1.0:
             raise ValueError(f"`target_fraction` must be in [0, 1] or None, got {target_fraction!r}")
         if not isinstance(threshold, int | float) or math.isnan(threshold):
@@ -96,18 +111,21 @@ class HybridMemory(Memory):
         self.has_cache = use_attention  # gdn (no attention path) keeps no cache
         self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
         self.use_rnn, self.use_attention, self.router = use_rnn, use_attention, router
-        self.capacity, self.fixed_decay = capacity, fixed_decay
+        self.capacity, self.fixed_decay, self.score = capacity, fixed_decay, score
         self.target_fraction, self.threshold_lr = target_fraction, threshold_lr
         H = num_heads
         self.qkv = nn.Linear(input_size, 3 * hidden_size, bias=False)
-        self.conv = ShortConv(3 * hidden_size, conv_size) if conv_size else None
-        # Narrow inputs: the convolution runs folded into the q/k/v projection (short_conv.py); same parameters.
+        self.conv_path = conv_path if conv_size else None
+        # local: its own projection W_l; qkv: the convolution acts on W_qkv x
+        self.local = nn.Linear(input_size, hidden_size, bias=False) if self.conv_path == "local" else None
+        self.conv = ShortConv(self._conv_channels(), conv_size) if conv_size else None
+        # Narrow inputs: the convolution runs folded into its projection (short_conv.py); same parameters.
         self.conv_folded = bool(conv_size) and conv_size * input_size <= FOLD_MAX_INPUTS
         # The per-head scalars of each token (log decay, write strength, the two readout gates) come from one
         # matmul: blocks of H rows in the order of `gate_names`, the decay first so the sigmoids form one block.
         self.gate_names = (
             (("decay",) if use_rnn and not fixed_decay else ()) + (("beta", "gate_rnn") if use_rnn else ())
-            + (("gate_attn",) if use_attention else ())
+            + (("gate_attn",) if use_attention else ()) + (("gate_local",) if self.local is not None else ())
         )  # fmt: skip
         self.gates = nn.Linear(input_size, len(self.gate_names) * H)
         if "decay" in self.gate_names:
@@ -127,12 +145,22 @@ class HybridMemory(Memory):
         self.register_buffer("_stored", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("_seen", torch.zeros((), dtype=torch.float64), persistent=False)
 
+    def _conv_channels(self) -> int:
+        return self.hidden_size if self.conv_path == "local" else 3 * self.hidden_size
+
     def gate_block(self, name: str) -> slice:
         """The rows of ``gates`` that produce ``name`` (one of ``gate_names``), e.g. to inspect or pin a gate."""
         i = self.gate_names.index(name)
         return slice(i * self.num_heads, (i + 1) * self.num_heads)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        conv_w = state_dict.get(prefix + "conv.weight")
+        if conv_w is not None and conv_w.shape[-1] != self._conv_channels():
+            was = "qkv" if conv_w.shape[-1] == 3 * self.hidden_size else "local"
+            raise ValueError(
+                f"this state dict has its short convolution on conv_path={was!r}, the memory on {self.conv_path!r}; "
+                f"build the memory with conv_path={was!r}"
+            )
         # Checkpoints from before the gates were one matmul hold beta_proj, decay_proj, gate_rnn, gate_attn Linears.
         old = {"decay": "decay_proj", "beta": "beta_proj", "gate_rnn": "gate_rnn", "gate_attn": "gate_attn"}
         if prefix + "gates.weight" not in state_dict and f"{prefix}{old[self.gate_names[0]]}.weight" in state_dict:
@@ -175,13 +203,17 @@ class HybridMemory(Memory):
         if self.use_rnn:
             out += (torch.zeros(batch_size, self.num_heads, self.head_dim, self.head_dim, device=device, dtype=dtype),)
         if self.conv is not None:
-            width = self.input_size if self.conv_folded else 3 * self.hidden_size
+            width = self.input_size if self.conv_folded else self._conv_channels()
             out += (self.conv.initial_history(batch_size, width, device, dtype),)
         return out
 
     def _rnn_spec(self):
         S = ("S [B, num_heads, head_dim, head_dim]", (self.num_heads, self.head_dim, self.head_dim)) if self.use_rnn else None
-        what, width = ("input_size", self.input_size) if self.conv_folded else ("3 * hidden_size", 3 * self.hidden_size)
+        what, width = (
+            ("input_size", self.input_size)
+            if self.conv_folded
+            else ("hidden_size" if self.conv_path == "local" else "3 * hidden_size", self._conv_channels())
+        )
         history = None if self.conv is None else (f"conv history [B, conv_size - 1, {what}]", (self.conv.size - 1, width))
         return tuple(t for t in (S, history) if t is not None)
 
@@ -189,11 +221,13 @@ class HybridMemory(Memory):
         return (self.num_heads, self.head_dim, self.head_dim) if self.use_attention else None
 
     def _describe(self) -> str:
-        options = f"num_heads={self.num_heads}, head_dim={self.head_dim}, conv_size={self.conv.size if self.conv else 0}"
+        conv = f"conv_size={self.conv.size}, conv_path={self.conv_path}" if self.conv else "conv_size=0"
+        score = f"score={self.score}, " if self.router == "surprise" else ""
+        options = f"num_heads={self.num_heads}, head_dim={self.head_dim}, {score}{conv}"
         return f"HybridMemory(use_rnn={self.use_rnn}, use_attention={self.use_attention}, {options})"
 
     def _layout_key(self) -> tuple:
-        return (self.conv_folded,)
+        return (self.conv_folded, self.conv_path)
 
     def _split_rnn(self, rnn: tuple[Tensor, ...]) -> tuple[Tensor | None, Tensor | None]:
         """``(S or None, conv history or None)`` from the state's rnn tuple."""
@@ -212,14 +246,19 @@ class HybridMemory(Memory):
 
     # -- shared projections --------------------------------------------------------------------------------
     def _project(self, x: Tensor, history: Tensor | None, steps: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
-        """Per-token quantities for ``x [B, T, input_size]``: q, k, v ``[B, T, H, d]``; gates ``[B, T, H]``."""
-        if self.conv is None:
-            qkv = self.qkv(x)
-        elif self.conv_folded:
-            qkv, history = folded_short_conv(x, history, steps, self.qkv.weight, self.conv.weight, self.conv.bias)
-        else:
-            qkv, history = self.conv(self.qkv(x), history, steps)
+        """Per-token quantities for ``x [B, T, input_size]``: q, k, v (and the local path) ``[B, T, H, d]``; gates
+        ``[B, T, H]``."""
+        convolved = None
+        if self.conv is not None:
+            proj = self.local if self.local is not None else self.qkv
+            if self.conv_folded:
+                convolved, history = folded_short_conv(x, history, steps, proj.weight, self.conv.weight, self.conv.bias)
+            else:
+                convolved, history = self.conv(proj(x), history, steps)
+        qkv = convolved if self.conv_path == "qkv" else self.qkv(x)
         p = self._per_token(qkv, self.gates(x))
+        if self.local is not None:
+            p["local"] = convolved.unflatten(-1, (self.num_heads, self.head_dim))
         if self.router == "learned":
             p["router"] = torch.sigmoid(self.router_net(x)).squeeze(-1)
         elif self.router == "all":
@@ -273,6 +312,8 @@ class HybridMemory(Memory):
         """
         first, G, B = memories[0], len(memories), starts.shape[0]
         parts = [m._inputs(x, state, s) for m, x, state, s in zip(memories, xs, states, steps, strict=True)]
+        # The local path is each memory's own: it joins the output after the shared ops, so it need not be alike.
+        local = [{n: part[0].pop(n) for n in ("local", "gate_local") if n in part[0]} for part in parts]
         if G == 1:
             (p, S, _), cache, tau = parts[0], states[0].cache, first.tau
             starts_all, steps_all = starts, steps[0]
@@ -289,7 +330,12 @@ class HybridMemory(Memory):
             rows = slice(g * B, (g + 1) * B)
             cache_g = cache if cache is None or G == 1 else cache[rows].compact()
             rnn = m._join_rnn(None if S is None else S[rows], history)
-            out.append((m._readout(o[rows]), MemoryState(rnn=rnn, cache=cache_g, episode_len=state.episode_len)))
+            out.append(
+                (
+                    m._readout(m._add_local(local[g], o[rows])),
+                    MemoryState(rnn=rnn, cache=cache_g, episode_len=state.episode_len),
+                )
+            )
         return out
 
     @staticmethod
@@ -301,6 +347,13 @@ class HybridMemory(Memory):
         if o_kv is not None:
             o = o + p["gate_attn"][..., None] * o_kv
         return o
+
+    @staticmethod
+    def _add_local(p: dict[str, Tensor], o: Tensor) -> Tensor:
+        """``o + sigmoid(W_l x) * local`` where the memory has the local path (conv_path="local")."""
+        if "local" not in p:
+            return o
+        return o + p["gate_local"][..., None] * p["local"].to(o.dtype)
 
     def _paths(
         self, p: dict[str, Tensor], S: Tensor | None, cache: KVCache | None, starts: Tensor, steps: Tensor, tau: Tensor
@@ -315,7 +368,7 @@ class HybridMemory(Memory):
             o_rnn, v_hat, S = gated_delta_rule(p["q"], p["k"], p["v"], p["beta"], p["g"], starts, S)
             if score is None:
                 with torch.no_grad():  # the surprise only routes (a hard decision): nothing to record for autograd
-                    score = surprise_score(v_hat, p["v"])  # [B, T]
+                    score = surprise_score(v_hat, p["v"], self.score)  # [B, T]
         if self.use_attention:
             routed = score.detach() >= tau
             plan = plan_cache(
@@ -339,7 +392,8 @@ class HybridMemory(Memory):
     def _paths_key(self) -> tuple:
         """What ``_paths`` reads of the memory, and the shapes and dtype its rows need to be joined."""
         w = self.qkv.weight
-        return (self.use_rnn, self.use_attention, self.router, self.capacity, self.num_heads, self.head_dim, w.dtype, w.device)
+        paths = (self.use_rnn, self.use_attention, self.router, self.score, self.capacity)
+        return (*paths, self.num_heads, self.head_dim, w.dtype, w.device)
 
     def _groupable(self, memories: Sequence[Memory]) -> bool:
         key = self._paths_key()
@@ -369,6 +423,12 @@ class HybridMemory(Memory):
         )
 
     # -- step form -----------------------------------------------------------------------------------------
+    def _step_score(self, p: dict[str, Tensor], S: Tensor, start: Tensor) -> Tensor:
+        """The surprise score of one step computed beside the fused op, which scores by cosine only: ``[B]``."""
+        S = zero_rows(S, start)  # the op resets a starting env's state before predicting
+        v_hat = p["g"].exp()[..., None] * torch.einsum("bhk,bhkv->bhv", p["k"].to(S.dtype), S)
+        return surprise_score(v_hat, p["v"], self.score)
+
     def _step(self, x, state, start, steps):
         S, history = self._split_rnn(state.rnn)
         p, history = self._project(x[:, None], history, steps[:, None])
@@ -384,18 +444,23 @@ class HybridMemory(Memory):
         used = [t[:, :need] for t in (cache.keys, cache.values, cache.scores, cache.times)]
         rnn = S if self.use_rnn else x.new_zeros(B, H, d, d)
         zeros = x.new_zeros(B, H)
+        router = p.get("router")
+        if router is None and self.router == "surprise" and self.score != "cosine":
+            router = self._step_score(p, rnn, start)
         o, rnn_new, length, score, routed = ham_step(
             p["q"], p["k"], p["v"], p.get("beta", zeros), p.get("g", zeros),
             p.get("gate_rnn", zeros), p.get("gate_attn", zeros), rnn,
             *used, cache.length,
-            start, steps, float(self.tau), self.capacity, p.get("router"),
+            start, steps, float(self.tau), self.capacity, router,
             self.use_rnn, self.use_attention, self.attn_log_scale.exp() if self.use_attention else None,
         )  # fmt: skip
         if self.use_attention:
             self._stored += routed.sum()
             self._seen += B
+            self.last_routing = (score.detach(), routed)
             cache = KVCache(cache.keys, cache.values, cache.scores, cache.times, length)
         else:
             cache = None
         rnn_state = self._join_rnn(rnn_new if self.use_rnn else None, history)
-        return self._readout(o.to(x.dtype)), MemoryState(rnn=rnn_state, cache=cache, episode_len=state.episode_len)
+        o = self._add_local(p, o.to(x.dtype))
+        return self._readout(o), MemoryState(rnn=rnn_state, cache=cache, episode_len=state.episode_len)

@@ -19,11 +19,18 @@ def _check_window(window: object) -> int:
 
 
 def window_memory(
-    input_size: int, hidden_size: int, window: int = 32, num_heads: int = 4, conv_size: int = 4, time_feature: bool = False
+    input_size: int,
+    hidden_size: int,
+    window: int = 32,
+    num_heads: int = 4,
+    conv_size: int = 4,
+    time_feature: bool = False,
+    conv_path: str = "local",
 ) -> Memory:
     """Attention over the last ``window`` steps of the episode (every token cached, the oldest evicted)."""
     return HybridMemory(input_size, hidden_size, num_heads=num_heads, use_rnn=False, router="all",
-                        capacity=_check_window(window), conv_size=conv_size, time_feature=time_feature)  # fmt: skip
+                        capacity=_check_window(window), conv_size=conv_size, time_feature=time_feature,
+                        conv_path=conv_path)  # fmt: skip
 
 
 def hqlt_memory(
@@ -34,10 +41,12 @@ def hqlt_memory(
     fixed_decay: bool = False,
     conv_size: int = 4,
     time_feature: bool = False,
+    conv_path: str = "local",
 ) -> Memory:
     """Gated delta-rule RNN plus window attention with the same gates: the naive hybrid of Irie et al. 2025."""
     return HybridMemory(input_size, hidden_size, num_heads=num_heads, router="all", capacity=_check_window(window),
-                        fixed_decay=fixed_decay, conv_size=conv_size, time_feature=time_feature)  # fmt: skip
+                        fixed_decay=fixed_decay, conv_size=conv_size, time_feature=time_feature,
+                        conv_path=conv_path)  # fmt: skip
 
 
 def _hybrid(**fixed) -> Callable[..., Memory]:

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ham_rl.kernels.backend import resolve_backend
 from ham_rl.kernels.ham_step.cache_plan import CachePlan, plan_cache, seen_candidates
-from ham_rl.kernels.ham_step.reference import choose_slot, surprise_score
+from ham_rl.kernels.ham_step.reference import SCORES, choose_slot, surprise_score
 from ham_rl.kernels.ham_step.reference import ham_step as reference_ham_step
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "reference_ham_step",
     "seen_candidates",
     "surprise_score",
+    "SCORES",
 ]
 
 

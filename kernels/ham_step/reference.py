@@ -19,13 +19,24 @@ from ham_rl.kernels.cache_attention.reference import masked_softmax
 from ham_rl.kernels.gated_delta_rule.reference import accumulation_dtype, gated_delta_rule_step
 from ham_rl.kernels.nonfinite import all_finite, zero_rows
 
-__all__ = ["ham_step", "surprise_score", "choose_slot"]
+__all__ = ["SCORES", "ham_step", "surprise_score", "choose_slot"]
 
 
-def surprise_score(v_hat: Tensor, v: Tensor) -> Tensor:
-    """Router score ``min_h (1 - cos(v_hat_h, v_h))``: ``[..., H, V] -> [...]``; a zero prediction gives 1."""
+#: how the surprise router scores a token from the RNN's prediction (``surprise_score``)
+SCORES = ("cosine", "error")
+
+
+def surprise_score(v_hat: Tensor, v: Tensor, kind: str = "cosine") -> Tensor:
+    """Router score of the RNN's prediction ``v_hat`` of ``v``, ``[..., H, V] -> [...]``.
+
+    ``cosine``: ``min_h (1 - cos(v_hat_h, v_h))``, scale-free; a zero prediction gives 1 (the spec's score).
+    ``error``: ``min_h ||v_h - v_hat_h|| / sqrt(V)``, the RMS prediction error of the best-predicting head: it keeps
+    the value's scale, which training raises for the steps the agent needs and lowers for those it ignores.
+    """
     acc = accumulation_dtype(v.dtype)
     v_hat, v = v_hat.to(acc), v.to(acc)
+    if kind == "error":
+        return (v - v_hat).norm(dim=-1).amin(-1) * v.shape[-1] ** -0.5
     # F.cosine_similarity's formula (each norm clamped at eps), in 6 ops instead of its 13: this runs every step.
     eps = 1e-8
     cos = (v_hat * v).sum(-1) / (v_hat.norm(dim=-1).clamp_min(eps) * v.norm(dim=-1).clamp_min(eps))

@@ -172,3 +172,24 @@ def test_vecenv_infos_are_those_of_the_current_observation_and_the_reset_after_a
     b = VecEnv("cue-random-d50", 3, seed=1)
     b.load_state_dict(venv.state_dict())
     assert b.infos == [{}, {}, {}]  # infos are not saved: unknown until the next step
+
+
+def test_blank_episodes_show_no_cue_and_ask_for_the_extra_action():
+    batch = cue_recall_batch(np.random.default_rng(0), 2000, delay=20, cue_steps=10, blank_fraction=0.3)
+    blank = batch.answers[:, -1] == 4
+    assert 0.25 < blank.mean() < 0.35
+    assert not batch.informative[blank].any() and (batch.informative[~blank].sum(1) == 1).all()
+    assert batch.obs[blank][:, :, :4].sum() == 0 and (batch.obs[~blank][:, :, :4].sum((1, 2)) == 1).all()
+    assert chance_return("cue", num_cues=4, blank_fraction=0.3) == -0.6
+
+
+def test_blank_fraction_zero_draws_the_episodes_of_before():
+    a = cue_recall_batch(np.random.default_rng(3), 8, delay=10, cue_steps=5)
+    b = cue_recall_batch(np.random.default_rng(3), 8, delay=10, cue_steps=5, blank_fraction=0.0)
+    assert np.array_equal(a.obs, b.obs) and np.array_equal(a.answers, b.answers)
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, "0.2", True])
+def test_bad_blank_fraction_is_one_line(bad):
+    with pytest.raises(ValueError, match=r"`blank_fraction` must be a number in \[0, 1\), got"):
+        cue_recall_batch(np.random.default_rng(0), 2, blank_fraction=bad)

@@ -18,7 +18,8 @@ GROUPED = [
     ("ham", {"fixed_decay": True}),
     ("ham", {"conv_size": 4}),
     ("ham", {"time_feature": True}),
-    ("ham", {"conv_size": 4, "time_feature": True}),  # the former defaults
+    ("ham", {"conv_size": 4, "conv_path": "qkv", "time_feature": True}),  # the defaults before 2026-12-01
+    ("ham", {"conv_size": 3, "conv_path": "qkv", "input_size": 40}),
     ("gdn", {}),
     ("attention", {}),
     ("window", {"window": 5}),
@@ -87,6 +88,7 @@ def test_memories_with_different_input_stages_group():
     # attention's settings must agree.
     torch.manual_seed(0)
     memories = [make_memory("ham", IN, D), make_memory("ham", IN, D, conv_size=0, time_feature=False, fixed_decay=True)]
+    memories.append(make_memory("ham", IN, D, conv_path="qkv", time_feature=True))
     assert memories[0]._groupable(memories)
     states = [m.initial_state(B) for m in memories]
     x, starts = torch.randn(B, T, IN), random_starts(B, T)

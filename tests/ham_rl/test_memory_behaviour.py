@@ -110,7 +110,9 @@ def test_gradients_reach_every_parameter(name):
 
 @pytest.mark.parametrize("name, options", [("ham", {}), ("ham", {"fixed_decay": True}), ("gdn", {}), ("window", {})])
 def test_loads_checkpoints_with_one_linear_per_gate(name, options):
-    # Before the per-head gates became one matmul, each was its own Linear; such state dicts still load.
+    # Before the per-head gates became one matmul, each was its own Linear; such state dicts still load (into the
+    # layout of their time: the convolution on q, k, v).
+    options = {**options, "conv_path": "qkv"}
     torch.manual_seed(0)
     mem = make_memory(name, IN, D, **options)
     state_dict = mem.state_dict()

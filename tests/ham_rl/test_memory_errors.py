@@ -105,7 +105,7 @@ def test_state_of_another_memory(memory, state_of, pattern, form):
     ({}, {"num_heads": 2}, r"`state.rnn\[0\]` \(S .*\) must be .* shape \(2, 4, 2, 2\) .* got torch.float32 \(2, 2, 4, 4\)"),
     ({"conv_size": 3}, {"conv_size": 4},
      r"`state.rnn\[1\]` \(conv history \[B, conv_size - 1, input_size\]\) must be .* shape \(2, 2, 4\) "
-                           r"for HybridMemory\(.*conv_size=3\), got torch.float32 \(2, 3, 4\)"),
+                           r"for HybridMemory\(.*conv_size=3, conv_path=local\), got torch.float32 \(2, 3, 4\)"),
     ({"conv_size": 0}, {"conv_size": 4},
      r"`state.rnn` must hold 1 tensor\(s\) \(S .*\) for HybridMemory\(.*conv_size=0\), got 2"),
 ])  # fmt: skip
@@ -129,13 +129,28 @@ def test_state_of_another_hidden_size():
     )
 
 
-def test_wide_input_conv_history_has_the_projection_width():
-    # Wide inputs run the convolution on the projections, so the history is [B, conv_size - 1, 3 * hidden_size].
-    narrow, wide = make_memory("gdn", 4, 8, conv_size=4), make_memory("gdn", 40, 8, conv_size=4)
+@pytest.mark.parametrize("conv_path, width, channels", [("local", "hidden_size", 8), ("qkv", "3 \\* hidden_size", 24)])
+def test_wide_input_conv_history_has_the_projection_width(conv_path, width, channels):
+    # Wide inputs run the convolution on the projections, so the history is [B, conv_size - 1, its channels].
+    narrow = make_memory("gdn", 4, 8, conv_size=4, conv_path=conv_path)
+    wide = make_memory("gdn", 40, 8, conv_size=4, conv_path=conv_path)
     _raises_one_line(
-        r"`state.rnn\[1\]` \(conv history \[B, conv_size - 1, 3 \* hidden_size\]\) must be .* shape \(2, 3, 24\)",
+        rf"`state.rnn\[1\]` \(conv history \[B, conv_size - 1, {width}\]\) must be .* shape \(2, 3, {channels}\)",
         lambda: wide(torch.randn(2, 3, 40), narrow.initial_state(2), STARTS),
     )
+
+
+def test_state_dict_of_the_other_conv_path_is_refused_in_one_line():
+    old = make_memory("ham", 4, 8, conv_path="qkv")
+    _raises_one_line(
+        r"this state dict has its short convolution on conv_path='qkv', the memory on 'local'; build the memory with "
+        r"conv_path='qkv'",
+        lambda: make_memory("ham", 4, 8).load_state_dict(old.state_dict()),
+    )
+
+
+def test_unknown_conv_path_is_refused_in_one_line():
+    _raises_one_line(r"`conv_path` must be one of local, qkv, got 'q'", lambda: make_memory("ham", 4, 8, conv_path="q"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.int64, torch.bfloat16])

@@ -20,8 +20,12 @@ HAM_VARIANTS = {
     "ham-capacity-surprise": {"capacity": 2, "threshold": 0.3},
     "ham-learned-capacity": {"capacity": 3, "threshold": 0.4},
     "ham-fixed-decay": {"fixed_decay": True},
-    "ham-conv-time": {"conv_size": 4, "time_feature": True},  # the former defaults: short convolution and clock
-    "ham-conv": {"conv_size": 4},
+    "ham-conv-time": {"conv_size": 4, "conv_path": "qkv", "time_feature": True},  # the defaults before 2026-12-01
+    "ham-conv-qkv": {"conv_size": 4, "conv_path": "qkv"},
+    "ham-conv-local": {"conv_size": 4, "conv_path": "local"},
+    "ham-no-conv": {"conv_size": 0},
+    "ham-error-score": {"score": "error", "threshold": 0.05},
+    "ham-error-score-capacity": {"score": "error", "threshold": 0.02, "capacity": 2},
 }
 
 
@@ -58,14 +62,15 @@ def test_sequence_equals_steps_with_carried_state(case):
     assert_states_close(state_seq, state_step)
 
 
+@pytest.mark.parametrize("conv_path", ["local", "qkv"])
 @pytest.mark.parametrize("input_size, folded", [(IN, True), (40, False)])
-def test_folded_and_plain_convolution_agree(input_size, folded):
-    # Narrow inputs run the short convolution folded into the q/k/v projection, wide ones on the projections; both
+def test_folded_and_plain_convolution_agree(input_size, folded, conv_path):
+    # Narrow inputs run the short convolution folded into its projection, wide ones on the projections; both
     # forms (and their different conv histories) must give the same memory, step by step and over carried state.
     torch.manual_seed(0)
-    mem = make_memory("ham", input_size, D, conv_size=4)
+    mem = make_memory("ham", input_size, D, conv_size=4, conv_path=conv_path)
     assert mem.conv_folded is folded
-    other = make_memory("ham", input_size, D, conv_size=4)
+    other = make_memory("ham", input_size, D, conv_size=4, conv_path=conv_path)
     other.load_state_dict(mem.state_dict())
     other.conv_folded = not folded
     xs = [torch.randn(B, T, input_size) for _ in range(2)]

@@ -1,0 +1,20 @@
+"""Saved run configs load with the settings of their time."""
+
+from omegaconf import OmegaConf
+
+from ham_rl.config import load_run_config
+
+
+def _saved(tmp_path, memory: dict):
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml({"seed": 0, "memory": memory}))
+    return load_run_config(tmp_path)
+
+
+def test_a_run_from_before_conv_path_keeps_its_convolution_on_qkv(tmp_path):
+    assert _saved(tmp_path, {"name": "ham", "hidden_size": 64, "conv_size": 4}).memory.conv_path == "qkv"
+
+
+def test_a_run_with_conv_path_or_without_convolution_is_left_alone(tmp_path):
+    assert _saved(tmp_path, {"name": "gdn", "conv_size": 4, "conv_path": "local"}).memory.conv_path == "local"
+    assert "conv_path" not in _saved(tmp_path, {"name": "ham", "conv_size": 0}).memory
+    assert "conv_path" not in _saved(tmp_path, {"name": "gru", "hidden_size": 64}).memory
