@@ -89,19 +89,23 @@ _CONV_PATH_MEMORIES = ("ham", "ham-learned", "gdn", "attention", "window", "hqlt
 def load_run_config(run_dir: str | Path) -> DictConfig:
     """A run dir's ``config.yaml``, with the settings of its time filled in where a default changed since.
 
-    Runs saved before ``memory.conv_path`` existed had the short convolution on q, k, v; without the key they would
-    be rebuilt with today's default and no longer fit their checkpoint.
+    Runs saved before ``memory.conv_path`` existed had the short convolution on q, k, v, and ham runs saved before
+    ``memory.score`` existed scored by cosine; without the keys they would be rebuilt with today's defaults and no
+    longer fit their checkpoint (or route by another score than they were trained with).
     """
     cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
     mem = cfg.get("memory")
-    if isinstance(mem, DictConfig) and mem.get("name") in _CONV_PATH_MEMORIES and "conv_path" not in mem:
-        if mem.get("conv_size", 4):
+    if isinstance(mem, DictConfig) and mem.get("name") in _CONV_PATH_MEMORIES:
+        if "conv_path" not in mem and mem.get("conv_size", 4):
             mem.conv_path = "qkv"
+        if mem.get("name") == "ham" and "score" not in mem:
+            mem.score = "cosine"
     return cfg
 
 
 def memory_kwargs(memory_cfg: DictConfig) -> tuple[str, int, dict]:
-    """Split the memory group into ``(name, hidden_size, options for make_memory)``; None options are dropped."""
+    """Split the memory group into ``(name, hidden_size, options for make_memory)``; a null option is passed as None
+    (``memory.target_fraction=null`` turns ham's feedback rule off rather than falling back to its default)."""
     mem = OmegaConf.to_container(memory_cfg, resolve=True)
     name, hidden = mem.pop("name", None), mem.pop("hidden_size", None)
     if not isinstance(name, str):
@@ -110,7 +114,7 @@ def memory_kwargs(memory_cfg: DictConfig) -> tuple[str, int, dict]:
         raise ConfigError(f"memory.hidden_size must be an int >= 1, got {hidden!r}")
     if isinstance(mem.get("threshold"), list):
         raise ConfigError("memory.threshold is a list; a threshold sweep is for ham_rl.evaluate, training takes one value")
-    return name, hidden, {k: v for k, v in mem.items() if v is not None}
+    return name, hidden, mem
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

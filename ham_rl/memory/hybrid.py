@@ -54,7 +54,7 @@ class HybridMemory(Memory):
     :param conv_size: width of the causal short convolution (0 turns it off). It gives the layer the last few steps
         cheaply (POPGym RepeatPrevious needs it)
     :param score: how the surprise router scores a token: ``"cosine"``, ``min_h 1 - cos(v_hat, v)`` (the spec's,
-        scale-free), or ``"error"``, the RMS prediction error ``min_h ||v - v_hat|| / sqrt(d)``, which keeps the
+        scale-free), or ``"error"``, the RMS prediction error ``||v - v_hat|| / sqrt(hidden_size)``, which keeps the
         value's scale (``kernels/ham_step/reference.py``; docs/ham.md compares them)
     :param conv_path: ``"local"``: the convolution runs on a path of its own, ``SiLU(conv(W_l x))`` added to the
         readout through a per-head gate, so q, k, v and the router's score are the step's own; ``"qkv"``: Gated
@@ -157,7 +157,8 @@ class HybridMemory(Memory):
         conv_w = state_dict.get(prefix + "conv.weight")
         if conv_w is not None and conv_w.shape[-1] != self._conv_channels():
             was = "qkv" if conv_w.shape[-1] == 3 * self.hidden_size else "local"
-            raise ValueError(
+            # RuntimeError, what load_state_dict raises for a state dict that does not fit (callers catch that)
+            raise RuntimeError(
                 f"this state dict has its short convolution on conv_path={was!r}, the memory on {self.conv_path!r}; "
                 f"build the memory with conv_path={was!r}"
             )

@@ -49,20 +49,28 @@ def hqlt_memory(
                         conv_path=conv_path)  # fmt: skip
 
 
-def _hybrid(**fixed) -> Callable[..., Memory]:
-    """HybridMemory with some options fixed by the memory's name (they are not options of that name)."""
-    allowed = [n for n in inspect.signature(HybridMemory).parameters if n not in fixed]
+def _hybrid(defaults: dict | None = None, **fixed) -> Callable[..., Memory]:
+    """HybridMemory with some options fixed by the memory's name (they are not options of that name) and some
+    defaults of its own."""
+    defaults = defaults or {}
+    params = inspect.signature(HybridMemory).parameters
+    allowed = [n for n in params if n not in fixed]
 
     def build(input_size: int, hidden_size: int, **options) -> Memory:
-        return HybridMemory(input_size, hidden_size, **fixed, **options)
+        return HybridMemory(input_size, hidden_size, **fixed, **{**defaults, **options})
 
-    build.__signature__ = inspect.Signature([inspect.signature(HybridMemory).parameters[n] for n in allowed])
+    signature = [params[n].replace(default=defaults[n]) if n in defaults else params[n] for n in allowed]
+    build.__signature__ = inspect.Signature(signature)
     return build
+
+
+#: ham's router: the RMS prediction error, its threshold kept where 5% of the rollout's steps are cached (docs/ham.md)
+HAM_ROUTING = dict(score="error", threshold=0.15, target_fraction=0.05)
 
 
 #: every memory of the family; see docs/memories.md
 MEMORIES: dict[str, Callable[..., Memory]] = {
-    "ham": _hybrid(router="surprise", use_rnn=True, use_attention=True),
+    "ham": _hybrid(HAM_ROUTING, router="surprise", use_rnn=True, use_attention=True),
     "ham-learned": _hybrid(router="learned", use_rnn=True, use_attention=True),
     "gdn": _hybrid(
         use_rnn=True,

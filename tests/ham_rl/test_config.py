@@ -18,3 +18,19 @@ def test_a_run_with_conv_path_or_without_convolution_is_left_alone(tmp_path):
     assert _saved(tmp_path, {"name": "gdn", "conv_size": 4, "conv_path": "local"}).memory.conv_path == "local"
     assert "conv_path" not in _saved(tmp_path, {"name": "ham", "conv_size": 0}).memory
     assert "conv_path" not in _saved(tmp_path, {"name": "gru", "hidden_size": 64}).memory
+
+
+def test_a_ham_run_from_before_score_keeps_the_cosine_score(tmp_path):
+    assert _saved(tmp_path, {"name": "ham", "conv_size": 4, "conv_path": "local"}).memory.score == "cosine"
+    assert _saved(tmp_path, {"name": "ham", "score": "error"}).memory.score == "error"
+    assert "score" not in _saved(tmp_path, {"name": "gdn", "conv_size": 0}).memory
+
+
+def test_a_null_option_turns_hams_feedback_rule_off():
+    from ham_rl.config import memory_kwargs
+    from ham_rl.memory import make_memory
+
+    name, hidden, options = memory_kwargs(OmegaConf.create({"name": "ham", "hidden_size": 8, "target_fraction": None}))
+    assert options == {"target_fraction": None}
+    assert make_memory(name, 4, hidden, **options).target_fraction is None
+    assert make_memory(name, 4, hidden).target_fraction == 0.05

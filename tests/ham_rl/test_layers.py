@@ -19,7 +19,8 @@ APPLICATIONS = ("ham_rl.train", "ham_rl.evaluate", "ham_rl.report", "ham_rl.sb3"
                 "ham_rl.runlog")  # fmt: skip
 LAYERS = {  # layer: (its packages, what it must not import)
     "kernels": (("ham_rl.kernels",), ("ham_rl.memory", "ham_rl.agents", "ham_rl.envs", *APPLICATIONS)),
-    "memory": (("ham_rl.memory",), ("ham_rl.agents", "ham_rl.envs", *APPLICATIONS)),
+    # routing: what a memory's cache kept, read by the PPO rollout and the applications (numpy and matplotlib only)
+    "memory": (("ham_rl.memory", "ham_rl.routing"), ("ham_rl.agents", "ham_rl.envs", *APPLICATIONS)),
     "envs": (("ham_rl.envs",), ("ham_rl.kernels", "ham_rl.memory", "ham_rl.agents", *APPLICATIONS)),
     "agents": (("ham_rl.agents",), APPLICATIONS),
     "applications": (APPLICATIONS, ()),

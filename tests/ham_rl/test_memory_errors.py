@@ -142,11 +142,9 @@ def test_wide_input_conv_history_has_the_projection_width(conv_path, width, chan
 
 def test_state_dict_of_the_other_conv_path_is_refused_in_one_line():
     old = make_memory("ham", 4, 8, conv_path="qkv")
-    _raises_one_line(
-        r"this state dict has its short convolution on conv_path='qkv', the memory on 'local'; build the memory with "
-        r"conv_path='qkv'",
-        lambda: make_memory("ham", 4, 8).load_state_dict(old.state_dict()),
-    )
+    pattern = r"this state dict has its short convolution on conv_path='qkv', the memory on 'local'; build the memory "
+    with pytest.raises(RuntimeError, match=pattern + r"with conv_path='qkv'$"):
+        make_memory("ham", 4, 8).load_state_dict(old.state_dict())
 
 
 def test_unknown_conv_path_is_refused_in_one_line():

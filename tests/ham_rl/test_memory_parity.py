@@ -22,10 +22,9 @@ HAM_VARIANTS = {
     "ham-fixed-decay": {"fixed_decay": True},
     "ham-conv-time": {"conv_size": 4, "conv_path": "qkv", "time_feature": True},  # the defaults before 2026-12-01
     "ham-conv-qkv": {"conv_size": 4, "conv_path": "qkv"},
-    "ham-conv-local": {"conv_size": 4, "conv_path": "local"},
     "ham-no-conv": {"conv_size": 0},
-    "ham-error-score": {"score": "error", "threshold": 0.05},
-    "ham-error-score-capacity": {"score": "error", "threshold": 0.02, "capacity": 2},
+    "ham-cosine-score": {"score": "cosine", "threshold": 0.5, "target_fraction": None},  # the spec's router
+    "ham-error-score-capacity": {"threshold": 0.1, "capacity": 2},
 }
 
 

@@ -123,9 +123,11 @@ def test_raster_figure(tmp_path):
 
 def test_evaluate_reports_what_the_cache_kept_on_a_cue_env(tmp_path, capsys):
     run = tmp_path / "run"
-    train(cfg_of(f"run_dir={run}", "env=cue-random-d50", "total_timesteps=128", "memory.num_heads=2"))
+    spec_router = ("memory.score=cosine", "memory.threshold=0.5", "memory.target_fraction=null")
+    train(cfg_of(f"run_dir={run}", "env=cue-random-d50", "total_timesteps=128", "memory.num_heads=2", *spec_router))
     res = evaluate_run(run, {"episodes": 4}, quiet=False)[0]
-    # an episode's first step is always cached at tau 0.5: nothing is in the RNN yet, so its score is 1
+    # with the spec's cosine score an episode's first step is always cached at tau 0.5: nothing is in the RNN yet, so
+    # its score is 1
     assert res["threshold"] == 0.5 and res["step0_cached"] == 1.0 and res["cached_per_episode"] >= 1
     assert 0 <= res["cache_recall"] <= 1 and 0 <= res["cache_precision"] <= 1
     out = capsys.readouterr().out

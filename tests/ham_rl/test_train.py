@@ -21,7 +21,8 @@ def test_run_dir_format(tmp_path):
         assert (run / name).exists(), name
     rows = list(csv.reader(open(run / "metrics.csv")))
     assert rows[0] == METRICS_HEADER and len(rows) == 1 + 3
-    assert rows[1][7] == "0.5"  # threshold of ham
+    # ham's threshold after the first update's feedback step: tau <- 0.15 + 0.1 * (kv_fraction - 0.05)
+    assert float(rows[1][7]) == pytest.approx(0.15 + 0.1 * (float(rows[1][5]) - 0.05), abs=1e-6)
     saved = json.loads((run / "summary.json").read_text())
     assert saved == summary
     assert set(saved) == {
@@ -52,7 +53,7 @@ def test_run_dir_format(tmp_path):
     assert rows[1][5] == "" and rows[1][7] != ""  # POPGym marks no informative steps: no recall; step 0 is known
     assert float(rows[1][3]) >= float(rows[3][3])  # a higher threshold stores fewer tokens
     assert (run / "sweep.png").stat().st_size > 0
-    assert float(params(run)["memory.tau"]) == 0.5  # evaluate never writes the checkpoint
+    assert float(params(run)["memory.tau"]) == pytest.approx(saved["threshold"])  # evaluate never writes the checkpoint
 
 
 @pytest.mark.parametrize("memory", ["gru", "ham"])
