@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from ham_rl.kernels.cache_attention import cache_attention
 from ham_rl.kernels.gated_delta_rule import gated_delta_rule
 from ham_rl.kernels.ham_step import SCORES, ham_step, plan_cache, seen_candidates, surprise_score
-from ham_rl.kernels.nonfinite import zero_rows
 from ham_rl.memory.base import Memory
 from ham_rl.memory.l2norm import l2norm
 from ham_rl.memory.short_conv import FOLD_MAX_INPUTS, ShortConv, folded_short_conv
@@ -424,11 +423,6 @@ class HybridMemory(Memory):
         )
 
     # -- step form -----------------------------------------------------------------------------------------
-    def _step_score(self, p: dict[str, Tensor], S: Tensor, start: Tensor) -> Tensor:
-        """The surprise score of one step computed beside the fused op, which scores by cosine only: ``[B]``."""
-        S = zero_rows(S, start)  # the op resets a starting env's state before predicting
-        v_hat = p["g"].exp()[..., None] * torch.einsum("bhk,bhkv->bhv", p["k"].to(S.dtype), S)
-        return surprise_score(v_hat, p["v"], self.score)
 
     def _step(self, x, state, start, steps):
         S, history = self._split_rnn(state.rnn)
@@ -445,15 +439,12 @@ class HybridMemory(Memory):
         used = [t[:, :need] for t in (cache.keys, cache.values, cache.scores, cache.times)]
         rnn = S if self.use_rnn else x.new_zeros(B, H, d, d)
         zeros = x.new_zeros(B, H)
-        router = p.get("router")
-        if router is None and self.router == "surprise" and self.score != "cosine":
-            router = self._step_score(p, rnn, start)
         o, rnn_new, length, score, routed = ham_step(
             p["q"], p["k"], p["v"], p.get("beta", zeros), p.get("g", zeros),
             p.get("gate_rnn", zeros), p.get("gate_attn", zeros), rnn,
             *used, cache.length,
-            start, steps, float(self.tau), self.capacity, router,
-            self.use_rnn, self.use_attention, self.attn_log_scale.exp() if self.use_attention else None,
+            start, steps, float(self.tau), self.capacity, p.get("router"),
+            self.use_rnn, self.use_attention, self.attn_log_scale.exp() if self.use_attention else None, self.score,
         )  # fmt: skip
         if self.use_attention:
             self._stored += routed.sum()

@@ -7,9 +7,11 @@ import torch
 from torch import Tensor
 
 from ham_rl.kernels.backend import resolve_backend
+from ham_rl.kernels.gated_delta_rule.reference import accumulation_dtype
 from ham_rl.kernels.ham_step.cache_plan import CachePlan, plan_cache, seen_candidates
 from ham_rl.kernels.ham_step.reference import SCORES, choose_slot, surprise_score
 from ham_rl.kernels.ham_step.reference import ham_step as reference_ham_step
+from ham_rl.kernels.nonfinite import zero_rows
 
 __all__ = [
     "CachePlan",
@@ -45,11 +47,13 @@ def ham_step(
     use_rnn: bool = True,
     use_attention: bool = True,
     scale: float | Tensor | None = None,
+    score_kind: str = "cosine",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One HAM step for B envs; arguments, in-place cache update and returns as ``reference.ham_step``.
 
     Runs the fused Triton kernel (``kernels/ham_step/fused.py``) when ``resolve_backend(q)`` says so and no input
     needs a gradient (the kernel has no backward; rollouts run under ``torch.no_grad``), the reference otherwise.
+    The kernel scores by cosine; another ``score_kind`` is computed beside it and passed as the router's score.
     """
     args = (q, k, v, beta, g, gate_rnn, gate_attn, rnn_state, keys, values, scores, times, length, start, episode_step)
     wants_grad = torch.is_grad_enabled() and any(
@@ -58,10 +62,21 @@ def ham_step(
     if not wants_grad and resolve_backend(q) == "triton":
         from ham_rl.kernels.ham_step.fused import fused_ham_step
 
-        fn = fused_ham_step
-    else:
-        fn = reference_ham_step
-    return fn(
+        if router_score is None and use_rnn and score_kind != "cosine":
+            router_score = _score_beside(q, k, v, g, rnn_state, start, score_kind)
+        return fused_ham_step(
+            *args, threshold, capacity=capacity, router_score=router_score, use_rnn=use_rnn,
+            use_attention=use_attention, scale=scale,
+        )  # fmt: skip
+    return reference_ham_step(
         *args, threshold, capacity=capacity, router_score=router_score, use_rnn=use_rnn, use_attention=use_attention,
-        scale=scale,
+        scale=scale, score_kind=score_kind,
     )  # fmt: skip
+
+
+def _score_beside(q: Tensor, k: Tensor, v: Tensor, g: Tensor, S: Tensor, start: Tensor, kind: str) -> Tensor:
+    """The surprise score ``[B]`` of the prediction ``exp(g) k^T S`` (S reset where ``start``), as the reference has it."""
+    acc = accumulation_dtype(q.dtype)
+    S = zero_rows(S.to(acc), start)
+    v_hat = g.to(acc).exp()[..., None] * torch.einsum("bhk,bhkv->bhv", k.to(acc), S)
+    return surprise_score(v_hat, v, kind)

@@ -104,6 +104,7 @@ def ham_step(
     use_rnn: bool = True,
     use_attention: bool = True,
     scale: float | Tensor | None = None,
+    score_kind: str = "cosine",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One HAM step for a batch of envs.
 
@@ -121,6 +122,7 @@ def ham_step(
         router_score: ``[B]`` score from a learned router (or a constant for window memories); None uses surprise.
         use_rnn, use_attention: switch either path off (gdn: no attention; attention/window: no RNN).
         scale: attention logit scale, a float or a per-head ``[H]`` tensor; ``K ** -0.5`` if None.
+        score_kind: how the surprise is scored, one of ``SCORES`` (``surprise_score``).
 
     Returns:
         ``(o [B, H, V], new_rnn_state [B, H, K, V], new_length [B], score [B], routed [B] bool)``; ``o`` is the
@@ -135,7 +137,7 @@ def ham_step(
     if use_rnn:
         rnn_state = zero_rows(rnn_state, start)
         o_rnn, v_hat, rnn_state = gated_delta_rule_step(*(t.to(acc) for t in (q, k, v, beta, g, rnn_state)))
-        score = surprise_score(v_hat, v)
+        score = surprise_score(v_hat, v, score_kind)
         o = o + gate_rnn[..., None].to(acc) * o_rnn
     if router_score is not None:
         score = router_score.to(acc)
