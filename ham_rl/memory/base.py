@@ -25,7 +25,10 @@ from torch import Tensor, nn
 
 from ham_rl.memory.state import KVCache, MemoryState
 
-__all__ = ["Memory", "TimeEmbedding", "episode_steps", "forward_group"]
+__all__ = ["Memory", "TIME_FEATURES", "TimeEmbedding", "episode_steps", "forward_group"]
+
+#: where the step-in-episode clock enters: nowhere, the input (True or "input"), or the readout only
+TIME_FEATURES = (False, True, "input", "readout")
 
 
 def episode_steps(episode_len: Tensor, starts: Tensor) -> Tensor:
@@ -98,11 +101,18 @@ class Memory(nn.Module):
     #: True for memories that keep a KV cache (their state has ``cache``)
     has_cache: bool = False
 
-    def __init__(self, input_size: int, hidden_size: int, time_feature: bool = False):
+    def __init__(self, input_size: int, hidden_size: int, time_feature: bool | str = False):
         super().__init__()
         self.input_size = _check_positive_int("input_size", input_size)
         self.hidden_size = _check_positive_int("hidden_size", hidden_size)
-        self.time_embedding = TimeEmbedding(input_size) if time_feature else None
+        if time_feature not in TIME_FEATURES:
+            allowed = ", ".join(repr(t) for t in TIME_FEATURES)
+            raise ValueError(f"`time_feature` must be one of {allowed}, got {time_feature!r}")
+        # True / "input": the clock joins the input (every key, value, query and score carries it); "readout": it joins
+        # the output only, so the heads get elapsed time and the memory's contents stay free of it
+        at_input = time_feature is True or time_feature == "input"
+        self.time_embedding = TimeEmbedding(input_size) if at_input else None
+        self.time_readout = TimeEmbedding(hidden_size) if time_feature == "readout" else None
         #: ``(score [B], routed [B] bool)`` of the last ``step()`` call, for memories that route tokens to a cache
         #: (None otherwise): what evaluation and the trainer's cache pictures read to see which steps were cached
         self.last_routing: tuple[Tensor, Tensor] | None = None
@@ -163,7 +173,11 @@ class Memory(nn.Module):
         x, steps = self._prepare(x, state, starts)
         y, new_state = self._sequence(x, state, starts, steps)
         new_state.episode_len = steps[:, -1] + 1
-        return y, new_state
+        return self._add_clock(y, steps), new_state
+
+    def _add_clock(self, y: Tensor, steps: Tensor) -> Tensor:
+        """``y`` with the readout clock added (``time_feature="readout"``)."""
+        return y if self.time_readout is None else y + self.time_readout(steps).to(y.dtype)
 
     def _prepare(self, x: Tensor, state: MemoryState, starts: Tensor) -> tuple[Tensor, Tensor]:
         """Check a sequence call's inputs; returns ``x`` with the time feature added (if on) and ``steps [B, T]``."""
@@ -189,7 +203,7 @@ class Memory(nn.Module):
             x = x + self.time_embedding(steps).to(x.dtype)
         y, new_state = self._step(x, state, start, steps)
         new_state.episode_len = steps + 1
-        return y, new_state
+        return self._add_clock(y, steps), new_state
 
     def _groupable(self, memories: Sequence[Memory]) -> bool:
         """Whether ``_forward_group`` can run these memories together (``forward_group``)."""

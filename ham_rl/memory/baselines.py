@@ -29,7 +29,7 @@ class _TorchRNNMemory(Memory):
 
     rnn_class: type[nn.RNNBase]
 
-    def __init__(self, input_size: int, hidden_size: int, time_feature: bool = False):
+    def __init__(self, input_size: int, hidden_size: int, time_feature: bool | str = False):
         super().__init__(input_size, hidden_size, time_feature)
         self.rnn = self.rnn_class(input_size, hidden_size, batch_first=True)
 
@@ -74,7 +74,7 @@ class LSTMMemory(_TorchRNNMemory):
 class MLPMemory(Memory):
     """No memory: a two-layer MLP of the current input, the lower bound every memory must beat."""
 
-    def __init__(self, input_size: int, hidden_size: int, time_feature: bool = False):
+    def __init__(self, input_size: int, hidden_size: int, time_feature: bool | str = False):
         super().__init__(input_size, hidden_size, time_feature)
         self.net = nn.Sequential(nn.Linear(input_size, hidden_size), nn.Tanh(), nn.Linear(hidden_size, hidden_size))
 

@@ -60,8 +60,9 @@ class HybridMemory(Memory):
         DeltaNet's place, before q, k, v, which mixes each step with its neighbours before keys, values and the
         score are formed (recall at an unknown step is learned 4-8x later, docs/recall.md; the layout before
         2026-12-01)
-    :param time_feature: add the step-in-episode embedding to the input; off by default, as an absolute clock in keys,
-        values and queries blocks recall at an unknown step (docs/recall.md); the RNN path carries order
+    :param time_feature: where the step-in-episode embedding enters: ``False`` (default), ``True`` / ``"input"`` (the
+        input: an absolute clock in keys, values, queries and the score, which blocks recall at an unknown step,
+        docs/recall.md) or ``"readout"`` (added to the output only, for tasks that need elapsed time)
     """
 
     has_cache = True
@@ -80,7 +81,7 @@ class HybridMemory(Memory):
         capacity: int = 0,
         fixed_decay: bool = False,
         conv_size: int = 4,
-        time_feature: bool = False,
+        time_feature: bool | str = False,
         conv_path: str = "local",
         score: str = "cosine",
     ):
@@ -405,7 +406,7 @@ class HybridMemory(Memory):
         out = HybridMemory._sequence_group(memories, xs, states, starts, steps)
         for (_, state), s in zip(out, steps, strict=True):
             state.episode_len = s[:, -1] + 1
-        return out
+        return [(m._add_clock(y, s), state) for m, (y, state), s in zip(memories, out, steps, strict=True)]
 
     @staticmethod
     def _gather_cache(cache: KVCache, plan, keys_all: Tensor, values_all: Tensor, score: Tensor, steps: Tensor) -> KVCache:

@@ -24,7 +24,7 @@ def window_memory(
     window: int = 32,
     num_heads: int = 4,
     conv_size: int = 4,
-    time_feature: bool = False,
+    time_feature: bool | str = False,
     conv_path: str = "local",
 ) -> Memory:
     """Attention over the last ``window`` steps of the episode (every token cached, the oldest evicted)."""
@@ -40,7 +40,7 @@ def hqlt_memory(
     num_heads: int = 4,
     fixed_decay: bool = False,
     conv_size: int = 4,
-    time_feature: bool = False,
+    time_feature: bool | str = False,
     conv_path: str = "local",
 ) -> Memory:
     """Gated delta-rule RNN plus window attention with the same gates: the naive hybrid of Irie et al. 2025."""

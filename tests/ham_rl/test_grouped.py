@@ -18,6 +18,7 @@ GROUPED = [
     ("ham", {"fixed_decay": True}),
     ("ham", {"conv_size": 4}),
     ("ham", {"time_feature": True}),
+    ("ham", {"time_feature": "readout"}),
     ("ham", {"conv_size": 4, "conv_path": "qkv", "time_feature": True}),  # the defaults before 2026-12-01
     ("ham", {"conv_size": 3, "conv_path": "qkv", "input_size": 40}),
     ("gdn", {}),

@@ -125,3 +125,23 @@ def test_loads_checkpoints_with_one_linear_per_gate(name, options):
     loaded.load_state_dict(state_dict)  # strict: every old key consumed, nothing missing
     x, starts = torch.randn(B, T, IN), random_starts(B, T)
     torch.testing.assert_close(loaded(x, loaded.initial_state(B), starts)[0], mem(x, mem.initial_state(B), starts)[0])
+
+
+@pytest.mark.parametrize("name", ["ham", "gru"])
+def test_readout_clock_leaves_the_memory_contents_free_of_time(name):
+    # time_feature="readout": the output carries the step in the episode, the state (keys, values, cache) does not.
+    torch.manual_seed(0)
+    mem, plain = make_memory(name, IN, D, time_feature="readout"), make_memory(name, IN, D)
+    plain.load_state_dict(mem.state_dict(), strict=False)  # the same memory without the readout clock
+    x, starts = torch.randn(B, T, IN), torch.zeros(B, T, dtype=torch.bool)
+    y, state = mem(x, mem.initial_state(B), starts)
+    y_plain, state_plain = plain(x, plain.initial_state(B), starts)
+    for a, b in zip(state.rnn, state_plain.rnn, strict=True):
+        torch.testing.assert_close(a, b)
+    steps = torch.arange(T).expand(B, T)
+    torch.testing.assert_close(y - y_plain, mem.time_readout(steps))
+
+
+def test_unknown_time_feature_is_one_line():
+    with pytest.raises(ValueError, match=r"`time_feature` must be one of False, True, 'input', 'readout', got 'out'$"):
+        make_memory("ham", IN, D, time_feature="out")

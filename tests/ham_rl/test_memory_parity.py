@@ -23,6 +23,7 @@ HAM_VARIANTS = {
     "ham-conv-time": {"conv_size": 4, "conv_path": "qkv", "time_feature": True},  # the defaults before 2026-12-01
     "ham-conv-qkv": {"conv_size": 4, "conv_path": "qkv"},
     "ham-no-conv": {"conv_size": 0},
+    "ham-readout-clock": {"time_feature": "readout"},
     "ham-cosine-score": {"score": "cosine", "threshold": 0.5, "target_fraction": None},  # the spec's router
     "ham-error-score-capacity": {"threshold": 0.1, "capacity": 2},
 }
