@@ -34,3 +34,16 @@ def test_a_null_option_turns_hams_feedback_rule_off():
     assert options == {"target_fraction": None}
     assert make_memory(name, 4, hidden, **options).target_fraction is None
     assert make_memory(name, 4, hidden).target_fraction == 0.05
+
+
+def test_env_presets_carry_their_budget_and_ppo_settings_and_the_command_line_wins():
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("ham_rl.configs", version_base=None):
+        ar = compose("config", overrides=["env=ar-4"])
+        assert (ar.env.id, ar.total_timesteps, ar.agent.gae_lambda) == ("ham_rl/AssociativeRecall4-v0", 2_000_000, 0.0)
+        mine = compose("config", overrides=["env=ar-4", "total_timesteps=5000", "agent.gae_lambda=0.9"])
+        assert (mine.total_timesteps, mine.agent.gae_lambda) == (5000, 0.9)
+        plain = compose("config", overrides=["env=popgym-repeat"])  # a preset without settings keeps the root's
+        assert (plain.total_timesteps, plain.agent.gae_lambda) == (300_000, 0.95)
+        assert compose("config", overrides=["env=cue-random-d200"]).total_timesteps == 3_000_000
