@@ -3,6 +3,7 @@
     python -m ham_rl.train env=popgym-repeat                        # HAM on RepeatPreviousEasy, 300k steps
     python -m ham_rl.train env.id=popgym-RepeatFirstMedium-v0 memory=gru seed=3
     python -m ham_rl.train --multirun memory=ham,gru seed=0,1,2     # one run dir per job under multirun/
+    python -m ham_rl.train --multirun hydra/launcher=joblib memory=ham,gru seed=0,1   # the same, jobs in parallel
     python -m ham_rl.train resume=runs/2026-11-21/12-00-00_ham_s0    # continue exactly from the last checkpoint
 
 The run directory (format in ham_rl/runlog.py) gets config.yaml, metrics.csv, summary.json, checkpoints/, tb/.
@@ -45,7 +46,7 @@ from ham_rl.envs import VecEnv, resolve_env_id
 from ham_rl.routing import RoutingTrace
 from ham_rl.runlog import MetricsCSV, summarise, write_json_atomic
 
-__all__ = ["TrainingStopped", "build", "main", "prepare_config", "resume_config", "train"]
+__all__ = ["JobFailed", "TrainingStopped", "build", "main", "prepare_config", "resume_config", "train"]
 
 
 def _run_dir_resolver(resume, run_dir, default) -> str:
@@ -65,6 +66,10 @@ class TrainingStopped(RuntimeError):
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class JobFailed(RuntimeError):
+    """One job of a ``--multirun`` failed (its error is printed); Hydra records it and the other jobs still run."""
 
 
 class _Terminated(KeyboardInterrupt):
@@ -413,6 +418,18 @@ def train(cfg: DictConfig) -> dict:
     return summary
 
 
+def _exit_or_fail_job(error: Exception, exit_code: int) -> None:
+    """Print ``error`` on one line and exit with ``exit_code``; in a multirun, fail only this job (Hydra's launchers
+    run the others and report the failure at the end), unless Ctrl-C or SIGTERM (130, 143) asked the sweep to stop."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    print(f"error: {error}", file=sys.stderr)
+    if exit_code not in (130, 143) and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise JobFailed(str(error)) from None
+    sys.exit(exit_code)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="config")
 def main(cfg: DictConfig) -> None:
     """CLI entry point (Hydra): ``python -m ham_rl.train [group=option ...] [key=value ...]``.
@@ -430,11 +447,9 @@ def main(cfg: DictConfig) -> None:
             cfg.run_dir = HydraConfig.get().runtime.output_dir
         train(cfg)
     except (ConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _exit_or_fail_job(e, 2)
     except TrainingStopped as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        _exit_or_fail_job(e, e.exit_code)
 
 
 if __name__ == "__main__":
