@@ -203,10 +203,10 @@ class VecEnv:
 
     def _restart(self, i: int, reason: str) -> None:
         """Start env i on a new episode from a seed of its own (its saved state could not be restored)."""
-        seed = self.seed + self.num_envs + i  # not a seed any env of this run was reset with at the start
+        seed = self._restart_seed(i)
         warnings.warn(
-            f"{self.env_id} env {i} could not be restored from the checkpoint ({reason}); it starts a new episode "
-            f"from seed {seed}, so this resumed run does not continue exactly",
+            f"{self.env_id} env {self._index_in_run(i)} could not be restored from the checkpoint ({reason}); it starts a "
+            f"new episode from seed {seed}, so this resumed run does not continue exactly",
             stacklevel=3,
         )
         self._obs[i], self.infos[i] = self.envs[i].reset(seed=seed)
@@ -216,6 +216,14 @@ class VecEnv:
         self._rewards[i] = 0.0
         self._features[i] = 0.0
         self.obs_encoder([self._obs[i]], out=self._features[i : i + 1, : self.obs_dim])
+
+    def _restart_seed(self, i: int) -> int:
+        """The seed env i restarts from: not a seed any env of this run was reset with at the start."""
+        return self.seed + self.num_envs + i
+
+    def _index_in_run(self, i: int) -> int:
+        """Env i's index among the run's envs (a worker process's group holds a slice of them)."""
+        return i
 
     def current_features(self) -> tuple[np.ndarray, np.ndarray]:
         """The features and starts that the last ``reset``/``step`` returned (or a restore set)."""

@@ -29,11 +29,12 @@ CONFIG_PACKAGE = "pkg://ham_rl.configs"
 #: the folder of the shipped configs on disk (``configs/`` in a checkout or an editable install)
 CONFIG_DIR = Path(str(importlib.resources.files("ham_rl.configs"))).resolve()
 
-#: keys that may differ between a run and its resumption: how it runs, not what it computes, and total_timesteps to
-#: extend a run (the learning-rate schedule then anneals over the new length from the resumed update on)
+#: keys (or dotted leaves) that may differ between a run and its resumption: how it runs, not what it computes
+#: (env.workers gives the same trajectories with any number of worker processes), and total_timesteps to extend a run
+#: (the learning-rate schedule then anneals over the new length from the resumed update on)
 RESUME_MAY_CHANGE = frozenset(
     {"resume", "run_dir", "device", "torch_threads", "progress", "tensorboard", "cache_figure_every", "checkpoint_every",
-     "stop_after_updates", "total_timesteps"}
+     "stop_after_updates", "total_timesteps", "env.workers"}
 )  # fmt: skip
 
 
@@ -68,6 +69,9 @@ def validate_root(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")
+    workers, num_envs = OmegaConf.select(cfg, "env.workers", default=0), OmegaConf.select(cfg, "agent.num_envs")
+    if not _is_int(workers) or not 0 <= workers <= (num_envs if _is_int(num_envs) else workers):
+        raise ConfigError(f"env.workers must be an int from 0 (in-process) to agent.num_envs ({num_envs}), got {workers!r}")
     resolve_device(cfg.device)
 
 
@@ -132,7 +136,7 @@ def config_diff(saved: DictConfig | dict, given: DictConfig | dict, ignore: froz
     b = _flatten(OmegaConf.to_container(given, resolve=True) if isinstance(given, DictConfig) else given)
     out = []
     for key in sorted(set(a) | set(b)):
-        if key.split(".")[0] in ignore:
+        if key in ignore or key.split(".")[0] in ignore:
             continue
         if a.get(key, "<missing>") != b.get(key, "<missing>"):
             out.append(f"{key}: {a.get(key, '<missing>')!r} -> {b.get(key, '<missing>')!r}")

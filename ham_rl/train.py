@@ -42,7 +42,7 @@ from ham_rl.config import (
     resolve_device,
     validate_root,
 )
-from ham_rl.envs import VecEnv, resolve_env_id
+from ham_rl.envs import make_vec_env, resolve_env_id
 from ham_rl.routing import RoutingTrace
 from ham_rl.runlog import MetricsCSV, summarise, write_json_atomic
 
@@ -139,8 +139,9 @@ def build(cfg: DictConfig, ppo_cfg: PPOConfig, device: torch.device) -> PPO:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    venv = VecEnv(
-        cfg.env.id, ppo_cfg.num_envs, seed=cfg.seed, prev_action=cfg.env.prev_action, prev_reward=cfg.env.prev_reward
+    workers = int(cfg.env.get("workers", 0))  # run dirs from before env.workers stepped in-process
+    venv = make_vec_env(
+        cfg.env.id, ppo_cfg.num_envs, workers, cfg.seed, prev_action=cfg.env.prev_action, prev_reward=cfg.env.prev_reward
     )
     name, hidden, options = memory_kwargs(cfg.memory)
     try:
@@ -161,7 +162,8 @@ def build(cfg: DictConfig, ppo_cfg: PPOConfig, device: torch.device) -> PPO:
 def _changed_settings(saved: DictConfig, cfg: DictConfig) -> dict[str, tuple]:
     """The settings of ``RESUME_MAY_CHANGE`` that this resume changes: ``{key: (saved, given)}``."""
     keys = sorted(RESUME_MAY_CHANGE - {"resume", "run_dir"})
-    return {k: (saved.get(k), cfg.get(k)) for k in keys if saved.get(k) != cfg.get(k)}
+    pairs = {k: (OmegaConf.select(saved, k), OmegaConf.select(cfg, k)) for k in keys}
+    return {k: pair for k, pair in pairs.items() if pair[0] != pair[1]}
 
 
 def _record_resume(run_dir: Path, cfg: DictConfig, step: int, changed: dict) -> None:
@@ -170,7 +172,7 @@ def _record_resume(run_dir: Path, cfg: DictConfig, step: int, changed: dict) -> 
         f.write(json.dumps({"global_step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changed": changed}) + "\n")
     saved = OmegaConf.load(run_dir / "config.yaml")
     for key in changed:
-        saved[key] = cfg[key]
+        OmegaConf.update(saved, key, OmegaConf.select(cfg, key), force_add=True)
     tmp = run_dir / "config.yaml.tmp"
     tmp.write_text(OmegaConf.to_yaml(saved))
     os.replace(tmp, run_dir / "config.yaml")
