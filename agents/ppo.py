@@ -166,6 +166,9 @@ class PPO:
         #: part of the checkpoint: a resumed run starts a new trace.
         self.routing_trace: RoutingTrace | None = None
         self._routing_buffers: tuple[Tensor, Tensor, np.ndarray] | None = None  # routed, scores, informative [T, B]
+        #: under torchrun, the ranks' collectives (ham_rl.distributed.DataParallel): gradients, the finite-loss check,
+        #: the target-KL stop and the memory's float buffers are averaged over the ranks, so all stay in step
+        self.data_parallel = None
 
     # ------------------------------------------------------------------------------------------------------------
     def collect_rollout(self) -> dict:
@@ -306,16 +309,22 @@ class PPO:
                     v_loss = 0.5 * ((newvalue - b_returns[mb]) ** 2).mean()
                 entropy_loss = entropy.mean()
                 loss = pg_loss - cfg.ent_coef * entropy_loss + v_loss * cfg.vf_coef
-                if not torch.isfinite(loss):
+                finite = torch.isfinite(loss.detach()).double()
+                if self.data_parallel is not None:  # every rank stops at the same minibatch, none waits for another
+                    finite = self.data_parallel.mean(finite).floor()
+                if not finite:
                     raise NonFiniteLossError(
                         f"non-finite PPO loss at update {self.update + 1} (pg_loss={float(pg_loss.detach()):.4g}, "
                         f"v_loss={float(v_loss.detach()):.4g}, entropy={float(entropy_loss.detach()):.4g})"
                     )
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if self.data_parallel is not None:
+                    self.data_parallel.gradients(agent.parameters())
                 nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
-            if cfg.target_kl is not None and float(approx_kl) > cfg.target_kl:
+            kl = approx_kl if self.data_parallel is None or cfg.target_kl is None else self.data_parallel.mean(approx_kl)
+            if cfg.target_kl is not None and float(kl) > cfg.target_kl:
                 break
         y_pred, y_true = b_values.flatten(), b_returns.flatten()
         var_y = y_true.var()
@@ -340,6 +349,8 @@ class PPO:
         stats = self.train_step(advantages, returns)
         self.context.push(self.obs, self.starts, self.state0)
         mem_stats = self.agent.memory.end_update()
+        if self.data_parallel is not None:
+            self.data_parallel.buffers(self.agent)
         self.update += 1
         stats.update(
             {

@@ -4,6 +4,7 @@
     python -m ham_rl.train env.id=popgym-RepeatFirstMedium-v0 memory=gru seed=3
     python -m ham_rl.train --multirun memory=ham,gru seed=0,1,2     # one run dir per job under multirun/
     python -m ham_rl.train --multirun hydra/launcher=joblib memory=ham,gru seed=0,1   # the same, jobs in parallel
+    torchrun --standalone --nproc_per_node=2 -m ham_rl.train run_dir=runs/dp2    # 2 data-parallel learners
     python -m ham_rl.train resume=runs/2026-11-21/12-00-00_ham_s0    # continue exactly from the last checkpoint
 
 The run directory (format in ham_rl/runlog.py) gets config.yaml, metrics.csv, summary.json, checkpoints/, tb/.
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ham_rl import distributed
 from ham_rl.agents import PPO, NonFiniteLossError, PPOConfig, RecurrentActorCritic
 from ham_rl.checkpoint import CheckpointError, load_checkpoint, remove_stale_temp_files, save_checkpoint
 from ham_rl.config import (
@@ -134,14 +136,19 @@ def prepare_config(cfg: DictConfig) -> tuple[DictConfig, PPOConfig]:
     return cfg, ppo_cfg
 
 
-def build(cfg: DictConfig, ppo_cfg: PPOConfig, device: torch.device) -> PPO:
-    """Seed everything, then build the vector env, the agent and the PPO trainer."""
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+def build(cfg: DictConfig, ppo_cfg: PPOConfig, device: torch.device, rank: int = 0) -> PPO:
+    """Seed everything, then build the vector env, the agent and the PPO trainer.
+
+    Rank r of a torchrun run seeds from ``seed + 2 * r * num_envs``: its envs start from seeds no other rank's envs
+    start or restart from (rank 0 is the single-process run).
+    """
+    seed = cfg.seed + 2 * rank * ppo_cfg.num_envs
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
     workers = int(cfg.env.get("workers", 0))  # run dirs from before env.workers stepped in-process
     venv = make_vec_env(
-        cfg.env.id, ppo_cfg.num_envs, workers, cfg.seed, prev_action=cfg.env.prev_action, prev_reward=cfg.env.prev_reward
+        cfg.env.id, ppo_cfg.num_envs, workers, seed, prev_action=cfg.env.prev_action, prev_reward=cfg.env.prev_reward
     )
     name, hidden, options = memory_kwargs(cfg.memory)
     try:
@@ -265,6 +272,10 @@ def train(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     if cfg.resume is None and cfg.run_dir is None:
         raise ConfigError("run_dir is not set (the CLI sets it to Hydra's output dir)")
+    dp = distributed.init(device)  # None without torchrun
+    rank, world_size = (dp.rank, dp.size) if dp else (0, 1)
+    if dp is not None and cfg.resume is None:
+        cfg.run_dir = dp.share(cfg.run_dir)  # rank 0's: each rank's Hydra timestamp may differ
     run_dir = Path(cfg.resume or cfg.run_dir)
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     ckpt, changed = None, {}
@@ -286,6 +297,10 @@ def train(cfg: DictConfig) -> dict:
     elif (run_dir / "config.yaml").exists() or ckpt_path.exists():
         raise ConfigError(f"{run_dir} already holds a run; continue it with resume={run_dir} or choose another run_dir")
     cfg.run_dir = str(run_dir)
+    if ckpt is not None and int(ckpt.get("world_size", 1)) != world_size:
+        raise ConfigError(f"resume={run_dir} ran on {ckpt.get('world_size', 1)} ranks; resume it on as many, not {world_size}")
+    if dp is not None:
+        dp.barrier()  # every rank has checked the run dir before rank 0 writes to it
     if ckpt is not None and cfg.total_timesteps < int(ckpt["ppo"]["global_step"]):
         raise ConfigError(
             f"total_timesteps={cfg.total_timesteps} is below the {ckpt['ppo']['global_step']} steps {run_dir} has done"
@@ -293,24 +308,30 @@ def train(cfg: DictConfig) -> dict:
 
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
-    ppo = build(cfg, ppo_cfg, device)
+    ppo = build(cfg, ppo_cfg, device, rank)
+    if dp is not None:
+        dp.broadcast(ppo.agent)
+        ppo.data_parallel = dp
     num_params = sum(p.numel() for p in ppo.agent.parameters())
     elapsed_before = 0.0
     if ckpt is not None:
         try:
-            ppo.load_state_dict(ckpt["ppo"])
+            ppo.load_state_dict(ckpt["ppo"] if rank == 0 else ckpt["ranks"][rank - 1])
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"checkpoint {ckpt_path} does not fit this config: {str(e).splitlines()[0]}") from e
         elapsed_before = float(ckpt["elapsed_s"])
         remove_stale_temp_files(ckpt_path.parent)  # left by a writer killed mid-write; last.pt itself is whole
-        if changed:
+        if changed and rank == 0:
             _record_resume(run_dir, cfg, ppo.global_step, changed)
-    else:
+    elif rank == 0:
         _start_run_dir(run_dir, cfg)
 
-    metrics = MetricsCSV(run_dir / "metrics.csv", resume_step=ppo.global_step if ckpt is not None else None)
+    # rank 0 alone logs and checkpoints (its own episodes' returns); the other ranks write nothing
+    metrics = (
+        MetricsCSV(run_dir / "metrics.csv", resume_step=ppo.global_step if ckpt is not None else None) if rank == 0 else None
+    )
     writer = None
-    if cfg.tensorboard:
+    if cfg.tensorboard and rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run_dir / "tb"), purge_step=ppo.global_step + 1 if ckpt is not None else None)
@@ -327,7 +348,7 @@ def train(cfg: DictConfig) -> dict:
         initial=ppo.global_step,
         unit="step",
         unit_scale=True,
-        disable=not cfg.progress,
+        disable=not cfg.progress or rank > 0,
         dynamic_ncols=True,
         desc=f"{cfg.memory.name} {cfg.env.id}",
     )
@@ -335,15 +356,13 @@ def train(cfg: DictConfig) -> dict:
     saved = {"update": ppo.update, "step": ppo.global_step}  # what checkpoints/last.pt holds
 
     def checkpoint(t_now: float) -> None:
-        save_checkpoint(
-            {
-                "config": OmegaConf.to_container(cfg),
-                "ppo": ppo.state_dict(),
-                "elapsed_s": elapsed_before + t_now - t0,
-                "num_params": num_params,
-            },
-            ckpt_path,
-        )
+        states = dp.gather(ppo.state_dict()) if dp is not None else [ppo.state_dict()]
+        if rank > 0:
+            return
+        data = {"config": OmegaConf.to_container(cfg), "ppo": states[0], "elapsed_s": elapsed_before + t_now - t0}
+        if world_size > 1:  # every other rank's envs, memory state and RNGs, to resume each exactly
+            data.update(ranks=states[1:], world_size=world_size)
+        save_checkpoint({**data, "num_params": num_params}, ckpt_path)
         saved.update(update=ppo.update, step=ppo.global_step)  # only once the file is whole
 
     t0 = time.perf_counter()
@@ -363,18 +382,18 @@ def train(cfg: DictConfig) -> dict:
             now = time.perf_counter()
             fps = (ppo.global_step - start_step) / max(now - t0, 1e-9)
             stats["time/fps"] = fps
-            metrics.append(
-                {
-                    "global_step": ppo.global_step,
-                    "time_s": elapsed_before + now - t0,
-                    "ep_rew_mean": stats["rollout/ep_rew_mean"],
-                    "ep_len_mean": stats["rollout/ep_len_mean"],
-                    "fps": fps,
-                    "kv_fraction": stats["memory/kv_fraction"],
-                    "kv_len_mean": stats["memory/kv_len_mean"],
-                    "threshold": stats["memory/threshold"],
-                }
-            )
+            row = {
+                "global_step": ppo.global_step,
+                "time_s": elapsed_before + now - t0,
+                "ep_rew_mean": stats["rollout/ep_rew_mean"],
+                "ep_len_mean": stats["rollout/ep_len_mean"],
+                "fps": fps,
+                "kv_fraction": stats["memory/kv_fraction"],
+                "kv_len_mean": stats["memory/kv_len_mean"],
+                "threshold": stats["memory/threshold"],
+            }
+            if metrics is not None:
+                metrics.append(row)
             if writer is not None:
                 for k, v in stats.items():
                     if v is not None and np.isfinite(v):
@@ -389,7 +408,8 @@ def train(cfg: DictConfig) -> dict:
                 checkpoint(time.perf_counter())
             if stop and ppo.update < ppo.num_updates:
                 pbar.close()
-                print(f"stopped after {updates_here} updates at step {ppo.global_step}; continue with resume={run_dir}")
+                if rank == 0:
+                    print(f"stopped after {updates_here} updates at step {ppo.global_step}; continue with resume={run_dir}")
                 return {"global_step": ppo.global_step, "stopped": True}
     # Wherever the signal lands (in an update, logging, or a checkpoint write, which leaves the old file whole), the
     # last complete checkpoint is the state to continue from: a half-done update is not one.
@@ -404,7 +424,11 @@ def train(cfg: DictConfig) -> dict:
         if writer is not None:
             writer.close()
         ppo.venv.close()
+        if dp is not None:
+            dp.close()
 
+    if rank > 0:
+        return {"global_step": ppo.global_step, "rank": rank}
     summary = summarise(
         MetricsCSV.read(run_dir / "metrics.csv"),
         env=cfg.env.id,
@@ -414,6 +438,7 @@ def train(cfg: DictConfig) -> dict:
         num_params=num_params,
         threshold=ppo.agent.memory.threshold,
     )
+    summary["world_size"] = world_size
     write_json_atomic(summary, run_dir / "summary.json")
     if cfg.progress:
         _print_summary(summary, run_dir)

@@ -38,6 +38,7 @@ def test_run_dir_format(tmp_path):
         "steps_per_s",
         "wall_time_s",
         "threshold",
+        "world_size",
     }
     assert saved["env"] == "popgym-RepeatPreviousEasy-v0" and saved["memory"] == "ham" and saved["global_step"] == 192
     assert "id: popgym-RepeatPreviousEasy-v0" in (run / "config.yaml").read_text()
