@@ -84,7 +84,8 @@ def test_wheel_holds_one_top_level_package_with_its_configs(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"ham_rl", wheel.name.split("-py3")[0] + ".dist-info"}
     for needed in ("ham_rl/configs/config.yaml", "ham_rl/configs/memory/ham.yaml", "ham_rl/configs/env/popgym-repeat.yaml",
-                   "ham_rl/envs/vector.py", "ham_rl/agents/ppo.py", "ham_rl/kernels/ham_step/reference.py"):  # fmt: skip
+                   "ham_rl/envs/vector.py", "ham_rl/agents/ppo.py", "ham_rl/kernels/ham_step/reference.py",
+                   "ham_rl/configs/hydra/launcher/slurm.yaml", "ham_rl/envs/workers.py"):  # fmt: skip
         assert needed in names
 
 
