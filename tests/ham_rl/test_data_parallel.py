@@ -1,7 +1,9 @@
-"""``torchrun --nproc_per_node=2 -m ham_rl.train``: 2 ranks (gloo) keep identical parameters, and a 2-rank run resumes
-exactly; rank 0 alone writes the run dir, summary.json records world_size."""
+"""``torchrun --nproc_per_node=2 -m ham_rl.train``: 2 ranks (gloo) keep identical parameters and learn the tiny task,
+and a 2-rank run resumes exactly; rank 0 alone writes the run dir, summary.json records world_size."""
 
+import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,18 @@ def _torchrun(tmp_path, *args: str):
     p = cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ham_rl.train", *args, cwd=tmp_path,
             timeout=300)  # fmt: skip
     return p
+
+
+def test_two_ranks_learn_the_tiny_memory_task(tmp_path, monkeypatch):
+    here = Path(__file__).parent  # dp_tiny_env registers tests/agents/tiny_env's RecallFirst (random policy: 0.5)
+    monkeypatch.setenv("PYTHONPATH", f"{here.parent / 'agents'}:{here}")
+    task = ["env.id=dp_tiny_env:ham_rl_test/RecallFirst-v0", "memory=gru", "memory.hidden_size=32", "agent.num_envs=8"]
+    task += ["agent.num_steps=32", "agent.num_minibatches=4", "agent.learning_rate=0.003", "total_timesteps=8192", "seed=1"]
+    p = _torchrun(tmp_path, *task, "progress=false", "tensorboard=false", f"run_dir={tmp_path / 'run'}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert float(rows[0]["ep_rew_mean"]) < 0.7 and summary["final_return"] > 0.85, (rows[0], summary)
 
 
 def _same(a: dict, b: dict) -> None:
