@@ -29,6 +29,7 @@ from ham_rl.agents import RecurrentActorCritic
 from ham_rl.checkpoint import load_checkpoint
 from ham_rl.config import load_run_config, memory_kwargs
 from ham_rl.envs import VecEnv
+from ham_rl.envs.recall_tasks import novelty_stream
 from ham_rl.evaluate import evaluate_run
 from ham_rl.kernels.gated_delta_rule import gated_delta_rule
 from ham_rl.memory import make_memory
@@ -37,25 +38,23 @@ from ham_rl.routing import informative_flags
 PERIOD, VOCAB, STEPS, EPISODES = 8, 12, 200, 200
 
 #: (label, ham options) of the untrained comparison
+COSINE = dict(score="cosine", target_fraction=None)  # the spec's router: scale-free score, fixed tau
 UNTRAINED = [
-    ("cosine, conv on q/k/v (before 2026-12-01), tau 0.5", dict(conv_path="qkv")),
-    ("cosine, conv on q/k/v, tau 0.3", dict(conv_path="qkv", threshold=0.3)),
-    ("cosine, conv local, tau 0.5", dict(score="cosine", threshold=0.5)),
-    ("cosine, conv local, tau 0.3", dict(score="cosine", threshold=0.3)),
-    ("cosine, no conv, tau 0.3", dict(score="cosine", conv_size=0, threshold=0.3)),
-    ("error, conv local, tau 0.15", dict(score="error", threshold=0.15)),
-    ("error, conv local, tau 0.13", dict(score="error", threshold=0.13)),
-    ("time feature on, cosine, tau 0.3", dict(score="cosine", time_feature=True, threshold=0.3)),
+    ("cosine, conv on q/k/v (before 2026-12-01), tau 0.5", dict(COSINE, conv_path="qkv", threshold=0.5)),
+    ("cosine, conv on q/k/v, tau 0.3", dict(COSINE, conv_path="qkv", threshold=0.3)),
+    ("cosine, conv local, tau 0.5", dict(COSINE, threshold=0.5)),
+    ("cosine, conv local, tau 0.3", dict(COSINE, threshold=0.3)),
+    ("cosine, no conv, tau 0.3", dict(COSINE, conv_size=0, threshold=0.3)),
+    ("error, conv local, tau 0.15 (the defaults)", {}),
+    ("error, conv local, tau 0.13", dict(threshold=0.13)),
+    ("time feature on, cosine, tau 0.3", dict(COSINE, time_feature=True, threshold=0.3)),
 ]
 
 
 def periodic_stream(seed: int) -> tuple[torch.Tensor, np.ndarray]:
     """``[EPISODES, STEPS, VOCAB]`` one-hot periodic stream with one new symbol per episode, and the cue steps."""
-    rng = np.random.default_rng(seed)
-    sym = (np.arange(STEPS)[None] + rng.integers(PERIOD, size=(EPISODES, 1))) % PERIOD
-    cue_at = rng.integers(20, 101, size=EPISODES)
-    sym[np.arange(EPISODES), cue_at] = rng.integers(PERIOD, VOCAB, size=EPISODES)
-    return torch.from_numpy(np.eye(VOCAB, dtype=np.float32)[sym]), cue_at
+    x, cue_at = novelty_stream(np.random.default_rng(seed), EPISODES, STEPS, PERIOD, VOCAB)
+    return torch.from_numpy(x), cue_at
 
 
 def untrained_row(options: dict, seed: int) -> tuple[float, float, float]:

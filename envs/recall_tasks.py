@@ -46,6 +46,7 @@ __all__ = [
     "associative_recall_batch",
     "chance_return",
     "cue_recall_batch",
+    "novelty_stream",
     "register_recall_envs",
 ]
 
@@ -158,6 +159,22 @@ def associative_recall_batch(
     informative = np.zeros((n, steps), dtype=bool)
     informative[rows, pair_at] = True
     return RecallBatch(obs, answers, informative)
+
+
+def novelty_stream(
+    rng: np.random.Generator,
+    n: int,
+    steps: int = 200,
+    period: int = 8,
+    vocab: int = 12,
+    cue_steps: tuple[int, int] = (20, 100),
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` one-hot streams for router probes: symbols cycling with ``period`` (random phase), one new symbol (of the
+    ``vocab - period`` others) at a step drawn from ``cue_steps`` (inclusive) -> ``(x [n, steps, vocab], cue step [n])``."""
+    sym = (np.arange(steps)[None] + rng.integers(period, size=(n, 1))) % period
+    cue_at = rng.integers(cue_steps[0], cue_steps[1] + 1, size=n)
+    sym[np.arange(n), cue_at] = rng.integers(period, vocab, size=n)
+    return np.eye(vocab, dtype=np.float32)[sym], cue_at
 
 
 def chance_return(task: str, **kwargs: Any) -> float:

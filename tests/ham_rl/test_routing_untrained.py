@@ -6,17 +6,15 @@ import torch
 from memory_helpers import run_steps
 
 from ham_rl import make_memory
+from ham_rl.envs.recall_tasks import novelty_stream
 
 PERIOD, VOCAB, T, EPISODES = 8, 12, 200, 200
 
 
 def periodic_stream_with_cue(seed: int) -> tuple[torch.Tensor, np.ndarray]:
     """One-hot symbols cycling with period 8 (random phase), one of 4 new symbols at a step in [20, 100]."""
-    rng = np.random.default_rng(seed)
-    sym = (np.arange(T)[None] + rng.integers(PERIOD, size=(EPISODES, 1))) % PERIOD
-    cue_at = rng.integers(20, 101, size=EPISODES)
-    sym[np.arange(EPISODES), cue_at] = rng.integers(PERIOD, VOCAB, size=EPISODES)
-    return torch.from_numpy(np.eye(VOCAB, dtype=np.float32)[sym]), cue_at
+    x, cue_at = novelty_stream(np.random.default_rng(seed), EPISODES, T, PERIOD, VOCAB, cue_steps=(20, 100))
+    return torch.from_numpy(x), cue_at
 
 
 def cached_steps(mem, x: torch.Tensor) -> np.ndarray:
@@ -49,7 +47,8 @@ def test_the_convolution_on_qkv_blurs_the_score():
     # The layout before 2026-12-01 mixes each step with its neighbours before the score: the cue is mostly missed.
     torch.manual_seed(0)
     x, cue_at = periodic_stream_with_cue(0)
-    cached = cached_steps(make_memory("ham", VOCAB, 64, conv_path="qkv"), x)
+    old = make_memory("ham", VOCAB, 64, conv_path="qkv", score="cosine", threshold=0.5, target_fraction=None)
+    cached = cached_steps(old, x)
     assert cached[np.arange(EPISODES), cue_at].mean() < 0.5
 
 
