@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ham_rl.memory import MEMORIES, memory_options
+
 __all__ = [
     "CACHE_FIGURE_EVERY",
     "CONFIG_DIR",
@@ -86,10 +88,6 @@ def resolve_device(device: str) -> torch.device:
     raise ConfigError(f"device must be one of cpu, cuda, auto, got {device!r}")
 
 
-#: memories whose saved configs from before 2026-12-01 (no ``conv_path`` key) ran the convolution on q, k, v
-_CONV_PATH_MEMORIES = ("ham", "ham-learned", "gdn", "attention", "window", "hqlt")
-
-
 def load_run_config(run_dir: str | Path) -> DictConfig:
     """A run dir's ``config.yaml``, with the settings of its time filled in where a default changed since.
 
@@ -99,7 +97,8 @@ def load_run_config(run_dir: str | Path) -> DictConfig:
     """
     cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
     mem = cfg.get("memory")
-    if isinstance(mem, DictConfig) and mem.get("name") in _CONV_PATH_MEMORIES:
+    # the memories that take conv_path are the ones whose saved configs from before it ran the convolution on q, k, v
+    if isinstance(mem, DictConfig) and mem.get("name") in MEMORIES and "conv_path" in memory_options(mem.name):
         if "conv_path" not in mem and mem.get("conv_size", 4):
             mem.conv_path = "qkv"
         if mem.get("name") == "ham" and "score" not in mem:
