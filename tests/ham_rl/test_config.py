@@ -47,3 +47,15 @@ def test_env_presets_carry_their_budget_and_ppo_settings_and_the_command_line_wi
         plain = compose("config", overrides=["env=popgym-repeat"])  # a preset without settings keeps the root's
         assert (plain.total_timesteps, plain.agent.gae_lambda) == (300_000, 0.95)
         assert compose("config", overrides=["env=cue-random-d200"]).total_timesteps == 3_000_000
+
+
+def test_count_recall_preset_gives_every_memory_the_readout_clock_and_the_command_line_wins():
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("ham_rl.configs", version_base=None):
+        for memory in ("ham", "gru", "attention"):
+            cfg = compose("config", overrides=["env=popgym-count-recall", f"memory={memory}"])
+            assert (cfg.memory.name, cfg.memory.time_feature) == (memory, "readout")
+        off = compose("config", overrides=["env=popgym-count-recall", "memory.time_feature=false"])
+        assert off.memory.time_feature is False
+        assert compose("config", overrides=["env=popgym-repeat"]).memory.time_feature is False
