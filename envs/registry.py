@@ -10,6 +10,7 @@ import importlib
 import gymnasium as gym
 
 from ham_rl.envs.recall_tasks import PRESETS as RECALL_PRESETS  # importing it registers the ham_rl/* ids
+from ham_rl.envs.tmaze import PRESETS as TMAZE_PRESETS
 
 __all__ = ["ENV_ALIASES", "make_env", "resolve_env_id", "valid_env_names"]
 
@@ -28,6 +29,8 @@ ENV_ALIASES: dict[str, str] = {
     "popgym-pendulum": "popgym-PositionOnlyPendulumEasy-v0",
     # the project's recall tasks (envs/recall_tasks.py): cue-recall, cue-random-d50, ar-4, ...
     **{alias: env_id for alias, (env_id, _, _) in RECALL_PRESETS.items()},
+    # passive T-Maze (envs/tmaze.py): tmaze-l50 ... tmaze-l1000
+    **{alias: env_id for alias, (env_id, _) in TMAZE_PRESETS.items()},
 }
 
 
