@@ -39,7 +39,7 @@ TERMS = ("pg answer", "pg other", "value", "entropy", "total")
 
 
 def _flat(grads: tuple, params: list) -> torch.Tensor:
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params, strict=True)])
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -67,13 +67,15 @@ def measure(env_id: str, memory: str, rollouts: int, train_steps: int, seed: int
         obs = torch.from_numpy(ppo.obs).transpose(0, 1)  # [B, T, D]
         answer = obs[:, :, :num_cues].sum(1).argmax(-1)  # the cue each episode showed
         returns = (adv + ppo.values).T
-        batches.append((obs, torch.from_numpy(ppo.starts).T, ppo.actions.T.clone(), ppo.logprobs.T.clone(), adv.T, returns, ppo.state0))
+        batches.append(
+            (obs, torch.from_numpy(ppo.starts).T, ppo.actions.T.clone(), ppo.logprobs.T.clone(), adv.T, returns, ppo.state0)
+        )
         answers.append(answer)
     # the signal: the answer's cross-entropy over every episode, less the same with the answers shuffled between
     # episodes, so that what is left is the part that depends on the cue (not, say, on the answers' marginals)
     signal = torch.zeros(sum(p.numel() for p in params))
     shuffle = torch.Generator().manual_seed(seed)
-    for (obs, starts, _, _, _, _, state0), answer in zip(batches, answers):
+    for (obs, starts, _, _, _, _, state0), answer in zip(batches, answers, strict=True):
         y, _ = agent.memory(agent.encoder(obs), state0, starts)
         logits = agent.actor(y[:, -1])
         shuffled = answer[torch.randperm(len(answer), generator=shuffle)]
@@ -97,8 +99,10 @@ def measure(env_id: str, memory: str, rollouts: int, train_steps: int, seed: int
                 "value": cfg.vf_coef * 0.5 * ((value - returns[mb]) ** 2).mean(),
                 "entropy": -cfg.ent_coef * ent.mean(),
             }
-            grads = {k: _flat(torch.autograd.grad(v, params, retain_graph=True, allow_unused=True), params)
-                     for k, v in terms.items()}
+            grads = {
+                k: _flat(torch.autograd.grad(v, params, retain_graph=True, allow_unused=True), params)
+                for k, v in terms.items()
+            }
             grads["total"] = sum(grads.values())
             for k, g in grads.items():
                 stats[k][0].append(float(g.norm()))
@@ -116,7 +120,13 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     print(f"median over minibatches of 4 episodes; {args.rollouts} rollouts; after {args.train} env steps of PPO\n")
-    print("| env | memory | " + " | ".join(f"‖{t}‖" for t in TERMS) + " | " + " | ".join(f"cos({t}, signal)" for t in TERMS) + " |")
+    print(
+        "| env | memory | "
+        + " | ".join(f"‖{t}‖" for t in TERMS)
+        + " | "
+        + " | ".join(f"cos({t}, signal)" for t in TERMS)
+        + " |"
+    )
     print("|---|---|" + "---:|" * (2 * len(TERMS)))
     for env_id in args.env:
         for memory in args.memory:

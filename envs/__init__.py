@@ -3,8 +3,8 @@ processes), the recall tasks and the passive T-Maze."""
 
 from ham_rl.envs.encoding import SpaceEncoder
 from ham_rl.envs.recall_tasks import AssociativeRecallEnv, CueRecallEnv
-from ham_rl.envs.tmaze import TMazeEnv
 from ham_rl.envs.registry import ENV_ALIASES, make_env, resolve_env_id, valid_env_names
+from ham_rl.envs.tmaze import TMazeEnv
 from ham_rl.envs.vector import VecEnv
 from ham_rl.envs.workers import WorkerVecEnv, make_vec_env
 

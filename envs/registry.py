@@ -9,10 +9,18 @@ import importlib
 
 import gymnasium as gym
 
+from ham_rl.envs.minigrid_memory import MINIGRID_MEMORY_TASKS  # registers ham_rl/MiniGrid-Memory*
 from ham_rl.envs.recall_tasks import PRESETS as RECALL_PRESETS  # importing it registers the ham_rl/* ids
 from ham_rl.envs.tmaze import PRESETS as TMAZE_PRESETS
 
 __all__ = ["ENV_ALIASES", "make_env", "resolve_env_id", "valid_env_names"]
+
+
+def _minigrid_alias(task: str) -> str:
+    """``MiniGrid-MemoryS13Random-v0`` -> ``minigrid-memory-s13-random``."""
+    size = task.removeprefix("MiniGrid-Memory").removesuffix("-v0")
+    return "minigrid-memory-" + size.lower().replace("random", "-random")
+
 
 #: Short names used by ``configs/env/*.yaml`` and accepted anywhere a gymnasium id is.
 ENV_ALIASES: dict[str, str] = {
@@ -31,6 +39,8 @@ ENV_ALIASES: dict[str, str] = {
     **{alias: env_id for alias, (env_id, _, _) in RECALL_PRESETS.items()},
     # passive T-Maze (envs/tmaze.py): tmaze-l50 ... tmaze-l1000
     **{alias: env_id for alias, (env_id, _) in TMAZE_PRESETS.items()},
+    # MiniGrid's memory tasks with a one-hot view (envs/minigrid_memory.py): minigrid-memory-s7, -s13-random, ...
+    **{_minigrid_alias(task): f"ham_rl/{task}" for task in MINIGRID_MEMORY_TASKS},
 }
 
 

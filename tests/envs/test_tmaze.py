@@ -22,7 +22,7 @@ def play(env, seed, choose):
 
 
 def walk_and(choice):
-    return lambda t, obs, goal: (choice(goal) if obs[3] else FORWARD)
+    return lambda t, obs, goal: choice(goal) if obs[3] else FORWARD
 
 
 def test_remembering_the_cue_scores_one_and_guessing_one_half():

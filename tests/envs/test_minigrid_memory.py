@@ -1,0 +1,36 @@
+"""MiniGrid's memory tasks through the one-hot view: every cell's (object, colour, state) and the direction, exactly."""
+
+import numpy as np
+import pytest
+from minigrid.core.constants import COLOR_TO_IDX, OBJECT_TO_IDX, STATE_TO_IDX  # the minigrid extra, in dev
+
+from ham_rl.envs import VecEnv, make_env
+from ham_rl.envs.minigrid_memory import make_minigrid_memory
+
+
+def test_one_hot_view_decodes_back_to_the_symbolic_view():
+    env = make_env("minigrid-memory-s13-random")
+    raw = env.unwrapped  # the minigrid env under the wrapper
+    obs, _ = env.reset(seed=1)
+    sizes = [len(OBJECT_TO_IDX), len(COLOR_TO_IDX), len(STATE_TO_IDX)]
+    for _ in range(5):
+        image = raw.gen_obs()["image"]  # what minigrid shows now
+        cells = obs[:-4].reshape(49, sum(sizes))
+        assert (cells.sum(1) == 3).all()  # one object, one colour, one state per cell
+        decoded = np.stack([part.argmax(1) for part in np.split(cells, np.cumsum(sizes)[:-1], axis=1)], 1)
+        assert (decoded == image.reshape(49, 3)).all()
+        assert obs[-4:].argmax() == raw.agent_dir and obs[-4:].sum() == 1
+        obs, *_ = env.step(2)  # forward
+
+
+def test_presets_run_in_the_vector_env():
+    venv = VecEnv("minigrid-memory-s7", 2, seed=0)
+    x, starts = venv.reset()
+    assert x.shape == (2, 984 + 7 + 1) and starts.all()  # view, previous action (7 actions), previous reward
+    x, rewards, dones, _ = venv.step(np.zeros(2, dtype=np.int64))
+    assert x.shape == (2, 992) and not dones.any()
+
+
+def test_unknown_task_is_one_line():
+    with pytest.raises(ValueError, match=r"^`task` must be one of MiniGrid-MemoryS7-v0, .*, got 'MiniGrid-Empty-5x5-v0'$"):
+        make_minigrid_memory("MiniGrid-Empty-5x5-v0")
