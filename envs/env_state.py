@@ -8,6 +8,10 @@ data: custom objects (a deck of cards, a board) must already exist at the same p
 same class, and only their fields are set. The few value types it does create are plain containers, numpy arrays and
 numpy's own random generators. Shared references (a generator used by the env and by its deck) stay shared.
 
+An object whose state is not its attributes (a simulator that rebuilds its world at every reset) says it itself:
+``plain_state()`` returns plain data and ``load_plain_state(data)`` puts the rebuilt object into that state, e.g.
+by replaying the episode from its reset (``envs/minigrid_memory.py``).
+
 Functions and classes that the constructor stored are references, not state: the rebuilt env must hold the same one
 there. An attribute of any other kind (a bound method, a module, a file, a lock) makes the env unencodable
 (:class:`EnvStateError`); the vector env then restarts that env from a seed, with a warning, instead of failing the
@@ -120,6 +124,8 @@ class _Encoder:
         if isinstance(obj, dict):
             items = [[self.value(k, f"{path} key"), self.value(v, f"{path}[{k!r}]")] for k, v in obj.items()]
             return {"kind": "dict", "ref": ref, "items": items}
+        if callable(getattr(type(obj), "plain_state", None)):  # an object that says its own state (see PlainState)
+            return {"kind": "own", "ref": ref, "class": _class_name(obj), "state": self.value(obj.plain_state(), path)}
         if hasattr(obj, "__dict__") and not callable(obj):
             fields = {k: self.value(v, f"{path}.{k}") for k, v in vars(obj).items() if k not in REBUILT}
             return {"kind": "object", "ref": ref, "class": _class_name(obj), "fields": fields}
@@ -213,6 +219,13 @@ class _Decoder:
                 key = self.value(k, None, f"{path} key")
                 out[key] = self.value(v, old.get(key) if _hashable(key) else None, f"{path}[{key!r}]")
             return out
+        if kind == "own":
+            if target is None or _class_name(target) != data["class"]:
+                got = "nothing" if target is None else _class_name(target)
+                raise EnvStateError(f"{path}: the saved state holds a {data['class']}, the rebuilt env has {got} there")
+            self.refs[ref] = target
+            target.load_plain_state(self._plain(data["state"], f"{path}.state"))
+            return target
         if kind == "object":
             if target is None or _class_name(target) != data["class"]:
                 got = "nothing" if target is None else _class_name(target)

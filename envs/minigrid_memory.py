@@ -51,6 +51,36 @@ class OneHotView(gym.ObservationWrapper):
         n = self._cells * self._per_cell + 4
         self.observation_space = spaces.Box(0.0, 1.0, shape=(n,), dtype=np.float32)
 
+    # -- checkpoints: minigrid builds its grid of objects at every reset, which no field-by-field restore can
+    # rebuild, so the state is the episode itself: how its reset drew the layout and the actions since, replayed
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """Reset the minigrid env, remembering how (for :meth:`plain_state`)."""
+        rng = None if seed is not None else self.unwrapped.np_random.bit_generator.state
+        self._episode = {"seed": seed, "rng": rng, "actions": []}
+        return super().reset(seed=seed, options=options)
+
+    def step(self, action: Any):
+        """One minigrid step, remembered for :meth:`plain_state`."""
+        self._episode["actions"].append(int(action))
+        return super().step(action)
+
+    def plain_state(self) -> dict[str, Any]:
+        """The episode so far as plain data: the reset's seed or generator state, and the actions since."""
+        episode = getattr(self, "_episode", None)
+        if episode is None:
+            return {"seed": None, "rng": None, "actions": None}  # never reset
+        return {**episode, "actions": list(episode["actions"])}
+
+    def load_plain_state(self, data: dict[str, Any]) -> None:
+        """Put this (rebuilt) env into the state :meth:`plain_state` described, by replaying the episode."""
+        if data["actions"] is None:
+            return
+        if data["seed"] is None:
+            self.unwrapped.np_random.bit_generator.state = data["rng"]
+        self.reset(seed=data["seed"])
+        for action in data["actions"]:
+            self.step(action)
+
     def observation(self, observation: dict[str, Any]) -> np.ndarray:
         """The one-hot encoding of one MiniGrid observation."""
         idx = np.asarray(observation["image"], dtype=np.int64).reshape(self._cells, 3)
