@@ -3,10 +3,14 @@ reimplemented from the paper's description, with a waiting room of random length
 
 The agent stands at the foot of a corridor of ``corridor_length`` cells and is shown, once, which arm of the T at
 the far end is the goal (up or down). It then walks the corridor; at the junction its action is scored: +1 for the
-goal arm, 0 otherwise. A step in the corridor that does not move forward costs ``1 / corridor_length``, and the
-episode ends ``corridor_length + 1`` steps after the cue, so the walk is learned from dense feedback and only the
-junction's choice needs memory: the memory length is the corridor's, the credit-assignment length one step. A
-policy that walks and guesses scores 0.5.
+goal arm, -1 for the other arm or for no arm (forward, back). A step in the corridor that does not move forward
+costs ``1 / corridor_length``, and the episode ends ``corridor_length + 1`` steps after the cue, so the walk is
+learned from dense feedback and only the junction's choice needs memory: the memory length is the corridor's, the
+credit-assignment length one step. A policy that walks and guesses scores 0 (success rate 0.5).
+
+The paper scores a wrong arm 0. Here it is -1, and so is no arm: with 0, a policy that has learned to walk forward
+keeps walking into the junction's wall, since that scores the same as a wrong arm (ham at L = 50 stayed at
+return 0 for 600k PPO steps), and the arms are never tried.
 
 The paper shows the cue at step 0. Here a waiting room of a random number of steps in ``[0, preamble]`` comes first
 (observation "waiting", actions without effect or cost), so the cue falls at an unknown step and a memory that
@@ -80,7 +84,7 @@ class TMazeEnv(gym.Env):
         if self._t >= self._wait:  # waiting steps have no effect and no cost
             if self._cell == self.corridor_length:  # at the junction: the choice ends the episode
                 self._t += 1
-                reward = 1.0 if action == (UP if self._goal == 0 else DOWN) else 0.0
+                reward = 1.0 if action == (UP if self._goal == 0 else DOWN) else -1.0
                 return np.zeros(5, np.float32), reward, True, False, self._info()
             if action == FORWARD:
                 self._cell += 1

@@ -25,12 +25,13 @@ def walk_and(choice):
     return lambda t, obs, goal: choice(goal) if obs[3] else FORWARD
 
 
-def test_remembering_the_cue_scores_one_and_guessing_one_half():
+def test_remembering_the_cue_scores_one_guessing_zero_and_walking_into_the_wall_minus_one():
     env = TMazeEnv(corridor_length=7, preamble=5)
     remembered = [play(env, s, walk_and(lambda goal: goal))[0] for s in range(200)]
     assert remembered == [1.0] * 200
     guessed = [play(env, s, walk_and(lambda goal: UP))[0] for s in range(200)]
-    assert set(guessed) == {0.0, 1.0} and 0.4 < np.mean(guessed) < 0.6
+    assert set(guessed) == {-1.0, 1.0} and -0.2 < np.mean(guessed) < 0.2
+    assert [play(env, s, walk_and(lambda goal: FORWARD))[0] for s in range(20)] == [-1.0] * 20
 
 
 def test_the_cue_falls_at_a_random_step_of_the_waiting_room_and_episodes_are_wait_plus_walk():
