@@ -46,7 +46,8 @@ def test_env_presets_carry_their_budget_and_ppo_settings_and_the_command_line_wi
         assert (mine.total_timesteps, mine.agent.gae_lambda) == (5000, 0.9)
         plain = compose("config", overrides=["env=popgym-repeat"])  # a preset without settings keeps the root's
         assert (plain.total_timesteps, plain.agent.gae_lambda) == (300_000, 0.95)
-        assert compose("config", overrides=["env=cue-random-d200"]).total_timesteps == 3_000_000
+        d200 = compose("config", overrides=["env=cue-random-d200"])
+        assert (d200.total_timesteps, d200.agent.num_steps) == (3_000_000, 202)  # a rollout row per episode
 
 
 def test_count_recall_preset_gives_every_memory_the_readout_clock_and_the_command_line_wins():
