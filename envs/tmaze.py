@@ -6,11 +6,14 @@ the far end is the goal (up or down). It then walks the corridor; at the junctio
 goal arm, -1 for the other arm or for no arm (forward, back). A step in the corridor that does not move forward
 costs ``1 / corridor_length``, and the episode ends ``corridor_length + 1`` steps after the cue, so the walk is
 learned from dense feedback and only the junction's choice needs memory: the memory length is the corridor's, the
-credit-assignment length one step. A policy that walks and guesses scores 0 (success rate 0.5).
+credit-assignment length one step. Running out of time before the junction also scores -1. A policy that walks and
+guesses scores 0 (success rate 0.5); every other policy without memory scores less.
 
-The paper scores a wrong arm 0. Here it is -1, and so is no arm: with 0, a policy that has learned to walk forward
-keeps walking into the junction's wall, since that scores the same as a wrong arm (ham at L = 50 stayed at
-return 0 for 600k PPO steps), and the arms are never tried.
+The paper scores a wrong arm 0 and says nothing of no arm or of running out of time; both gave PPO a way around the
+junction that memory never beats early in training: with 0 for a wrong arm and for no arm, a policy that has learned
+to walk forward keeps walking into the junction's wall (ham at L = 50: return 0 for 600k steps); with -1 for them
+but nothing for running out of time, it wastes one corridor step and never reaches the junction (-1/L: ham at
+L = 50, 1M steps).
 
 The paper shows the cue at step 0. Here a waiting room of a random number of steps in ``[0, preamble]`` comes first
 (observation "waiting", actions without effect or cost), so the cue falls at an unknown step and a memory that
@@ -95,6 +98,8 @@ class TMazeEnv(gym.Env):
         self._t += 1
         # out of time: the walk has one step per cell, so an agent that dawdled has no step left to choose an arm
         terminated = self._t > self._wait + self.corridor_length
+        if terminated:
+            reward -= 1.0  # as bad as a wrong arm, so that avoiding the junction never pays
         return (np.zeros(5, np.float32) if terminated else self._obs()), reward, terminated, False, self._info()
 
 

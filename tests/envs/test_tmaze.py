@@ -41,13 +41,13 @@ def test_the_cue_falls_at_a_random_step_of_the_waiting_room_and_episodes_are_wai
     assert all(n == c + 7 + 1 for c, n in zip(cues, lengths, strict=True))
 
 
-def test_dawdling_costs_per_step_and_never_reaches_the_junction():
+def test_dawdling_costs_per_step_and_running_out_of_time_as_much_as_a_wrong_arm():
     env = TMazeEnv(corridor_length=4, preamble=0)
     ret, steps, _, _ = play(env, 0, lambda t, obs, goal: BACK)
-    assert steps == 5 and ret == pytest.approx(-5 / 4)  # every step of the walk, the last one included
-    # one wasted step: the agent is one cell short when time runs out
+    assert steps == 5 and ret == pytest.approx(-5 / 4 - 1)  # every step of the walk, then out of time
+    # one wasted step: the agent is one cell short when time runs out, which is worse than guessing an arm
     ret, steps, _, _ = play(env, 0, lambda t, obs, goal: UP if t == 0 else FORWARD)
-    assert steps == 5 and ret == pytest.approx(-1 / 4)
+    assert steps == 5 and ret == pytest.approx(-1 / 4 - 1)
 
 
 def test_waiting_steps_are_free_and_ignore_the_action():
