@@ -12,6 +12,7 @@ row per step) and ``[B, T, ...]`` (env rows) in the update.
 from __future__ import annotations
 
 import random
+import time
 from collections import deque
 from dataclasses import asdict, dataclass, fields
 
@@ -172,7 +173,8 @@ class PPO:
 
     # ------------------------------------------------------------------------------------------------------------
     def collect_rollout(self) -> dict:
-        """Step all envs ``num_steps`` times; returns rollout stats (kv_len_mean, episodes finished)."""
+        """Step all envs ``num_steps`` times; returns rollout stats (episodes finished, mean and largest cache length at
+        an episode's end)."""
         agent, venv, head, dev = self.agent, self.venv, self.agent.action_head, self.device
         # memory state of every env at rollout start: the update replays each env row from it (a copy, as the rollout
         # steps the memory in place)
@@ -218,8 +220,10 @@ class PPO:
         dones_t = torch.from_numpy(self.dones).to(dev)
         n_done = int(self.dones.sum())
         has_cache = self.state.cache is not None
-        kv_len_mean = float(self.cache_len[dones_t].float().mean()) if n_done and has_cache else None
-        return {"episodes": n_done, "kv_len_mean": kv_len_mean}
+        at_end = self.cache_len[dones_t] if n_done and has_cache else None
+        kv_len_mean = None if at_end is None else float(at_end.float().mean())
+        kv_len_max = None if at_end is None else int(at_end.max())
+        return {"episodes": n_done, "kv_len_mean": kv_len_mean, "kv_len_max": kv_len_max}
 
     def _record_routing(self, t: int) -> bool:
         """Keep step t's routing (the memory's last step) and the informative flags of the observations it read."""
@@ -344,9 +348,12 @@ class PPO:
         if self.cfg.anneal_lr:
             frac = 1.0 - self.update / self.num_updates
             self.optimizer.param_groups[0]["lr"] = frac * self.cfg.learning_rate
+        t0 = time.perf_counter()
         rollout = self.collect_rollout()
+        t1 = time.perf_counter()
         advantages, returns = self.compute_advantages()
         stats = self.train_step(advantages, returns)
+        t2 = time.perf_counter()
         self.context.push(self.obs, self.starts, self.state0)
         mem_stats = self.agent.memory.end_update()
         if self.data_parallel is not None:
@@ -359,6 +366,9 @@ class PPO:
                 "memory/kv_fraction": mem_stats.get("kv_fraction"),
                 "memory/threshold": mem_stats.get("threshold"),
                 "memory/kv_len_mean": rollout["kv_len_mean"],
+                "memory/kv_len_max": rollout["kv_len_max"],
+                "time/rollout_s": t1 - t0,
+                "time/update_s": t2 - t1,
             }
         )
         return stats

@@ -367,6 +367,7 @@ def train(cfg: DictConfig) -> dict:
 
     t0 = time.perf_counter()
     start_step, updates_here = ppo.global_step, 0
+    cost = _Cost()
     in_main_thread = threading.current_thread() is threading.main_thread()
     old_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
@@ -379,6 +380,7 @@ def train(cfg: DictConfig) -> dict:
                 where = f"last good checkpoint: {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
                 raise TrainingStopped(f"{e}; run stopped, {where}") from e
             updates_here += 1
+            cost.add(stats)
             now = time.perf_counter()
             fps = (ppo.global_step - start_step) / max(now - t0, 1e-9)
             stats["time/fps"] = fps
@@ -439,10 +441,39 @@ def train(cfg: DictConfig) -> dict:
         threshold=ppo.agent.memory.threshold,
     )
     summary["world_size"] = world_size
+    summary["cost"] = cost.summary()
     write_json_atomic(summary, run_dir / "summary.json")
     if cfg.progress:
         _print_summary(summary, run_dir)
     return summary
+
+
+class _Cost:
+    """What the run cost besides env steps: seconds per rollout and per update, the largest cache an episode ended
+    with, the process's peak memory (this invocation; a resumed run counts from its resume)."""
+
+    def __init__(self):
+        self.rollout_s: list[float] = []
+        self.update_s: list[float] = []
+        self.kv_len_max: int | None = None
+
+    def add(self, stats: dict) -> None:
+        self.rollout_s.append(stats["time/rollout_s"])
+        self.update_s.append(stats["time/update_s"])
+        if stats.get("memory/kv_len_max") is not None:
+            self.kv_len_max = max(self.kv_len_max or 0, stats["memory/kv_len_max"])
+
+    def summary(self) -> dict:
+        """``{rollout_s_mean, update_s_mean, kv_len_max, peak_rss_mb}`` (None where nothing was measured)."""
+        import resource
+
+        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
+        return {
+            "rollout_s_mean": sum(self.rollout_s) / len(self.rollout_s) if self.rollout_s else None,
+            "update_s_mean": sum(self.update_s) / len(self.update_s) if self.update_s else None,
+            "kv_len_max": self.kv_len_max,
+            "peak_rss_mb": peak_kb / 1024,
+        }
 
 
 def _exit_or_fail_job(error: Exception, exit_code: int) -> None:

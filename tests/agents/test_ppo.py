@@ -232,3 +232,15 @@ def test_episodes_longer_than_the_context_replay_from_the_oldest_kept_state():
     x, state, starts, context = _update_rows(ppo)
     assert context == 16 and x.shape[1] == 32 and not starts[:, 0].any()
     torch.testing.assert_close(state.rnn[0], ppo.context.states[0].rnn[0], rtol=0, atol=0)
+
+
+def test_iteration_reports_its_cost_and_the_largest_cache_an_episode_ended_with():
+    torch.manual_seed(0)
+    venv = VecEnv("cue-first-d50", 4, seed=0)  # 52-step episodes: every env ends one inside a 64-step rollout
+    agent = RecurrentActorCritic(venv.feature_dim, venv.action_space, "attention", 16, {"num_heads": 2})
+    ppo = PPO(agent, venv, PPOConfig(num_envs=4, num_steps=64, num_minibatches=2, update_epochs=1), 256)
+    stats = ppo.iterate()
+    at_end = ppo.cache_len[torch.from_numpy(ppo.dones)]
+    assert stats["memory/kv_len_max"] == int(at_end.max()) == 52  # attention caches every step of the episode
+    assert stats["memory/kv_len_mean"] == pytest.approx(float(at_end.float().mean()))
+    assert stats["time/rollout_s"] > 0 and stats["time/update_s"] > 0

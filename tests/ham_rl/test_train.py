@@ -39,7 +39,12 @@ def test_run_dir_format(tmp_path):
         "wall_time_s",
         "threshold",
         "world_size",
+        "cost",
     }
+    cost = saved["cost"]
+    assert set(cost) == {"rollout_s_mean", "update_s_mean", "kv_len_max", "peak_rss_mb"}
+    assert cost["rollout_s_mean"] > 0 and cost["update_s_mean"] > 0 and cost["peak_rss_mb"] > 50
+    assert cost["kv_len_max"] is None  # no episode ended in these 192 steps (tests/agents/test_ppo.py has one that does)
     assert saved["env"] == "popgym-RepeatPreviousEasy-v0" and saved["memory"] == "ham" and saved["global_step"] == 192
     assert "id: popgym-RepeatPreviousEasy-v0" in (run / "config.yaml").read_text()
     # evaluate: one threshold, then a sweep writing sweep.csv / sweep.png
