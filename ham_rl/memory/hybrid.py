@@ -383,6 +383,7 @@ class HybridMemory(Memory):
             keys_all = torch.cat([cache.keys.to(values.dtype), p["k"]], 1)  # [B, L0 + T, H, d]
             values_all = torch.cat([cache.values.to(values.dtype), values], 1)
             index, visible = seen_candidates(plan.visible)
+            index = plan.candidates(index)
             per_column = index[..., None, None].expand(-1, -1, *keys_all.shape[2:])
             keys, values = keys_all.gather(1, per_column), values_all.gather(1, per_column)
             o_kv = cache_attention(p["q_attn"], keys, values, visible, 1.0)

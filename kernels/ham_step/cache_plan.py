@@ -26,14 +26,22 @@ __all__ = ["CachePlan", "plan_cache", "seen_candidates"]
 class CachePlan:
     """What routing decided for one segment.
 
-    :param visible: ``[B, T, L0 + T]`` bool, candidate s is in env b's cache after step t
+    :param visible: ``[B, T, C]`` bool, column c is in env b's cache after step t
     :param final_source: ``[B, Lf]`` long, the candidate each final cache slot holds (valid below final_length)
     :param final_length: ``[B]`` long, entries in each env's cache at the end of the segment
+    :param columns: ``[B, C]`` long, the candidate of each column of ``visible``; None when column s is candidate s
+        (``C = L0 + T``). Without a capacity only routed tokens can be visible, so the plan keeps columns for those
+        alone, and its masks grow with T times the cache, not with T squared.
     """
 
     visible: Tensor
     final_source: Tensor
     final_length: Tensor
+    columns: Tensor | None = None
+
+    def candidates(self, index: Tensor) -> Tensor:
+        """Candidate numbers of ``visible``'s columns ``index [B, n]`` (what keys and values are gathered by)."""
+        return index if self.columns is None else self.columns.gather(1, index)
 
 
 @torch.no_grad()
@@ -60,11 +68,31 @@ def plan_cache(
         return _plan_fifo(times, length, starts, steps, capacity)
     if capacity > 0:
         return _plan_with_capacity(scores, times, length, starts, steps, score, routed, capacity)
-    see_carried, see_segment = _episode_visibility(length, times.shape[1], starts)
-    visible = torch.cat([see_carried, see_segment & routed[:, None, :]], 2)
+    B, T = starts.shape
+    L0 = times.shape[1]
+    # Only routed tokens can be seen: columns for the carried slots, then each env's routed tokens in time order
+    # (padded to the env with most; the padding is never visible), the candidates' order of the full mask.
+    tokens, n_routed = _chosen_first(routed)  # [B, R]
+    t_idx = torch.arange(T, device=starts.device)
+    episode = starts.long().cumsum(1)  # [B, T]; 0 = the episode carried in from before the segment
+    see_carried = _see_carried(length, L0, episode)
+    real = torch.arange(tokens.shape[1], device=starts.device) < n_routed[:, None]  # [B, R]
+    see_tokens = (
+        (tokens[:, None, :] <= t_idx[None, :, None])  # at or before the query
+        & (episode.gather(1, tokens)[:, None, :] == episode[:, :, None])  # in its episode
+        & real[:, None, :]
+    )  # [B, T, R]
+    visible = torch.cat([see_carried, see_tokens], 2)
+    columns = torch.cat([torch.arange(L0, device=starts.device).expand(B, L0), L0 + tokens], 1)
     # The final cache is what the last token sees, kept in candidate order (carried slots, then time order).
     order, length = _chosen_first(visible[:, -1])
-    return CachePlan(visible=visible, final_source=order, final_length=length)
+    return CachePlan(visible=visible, final_source=columns.gather(1, order), final_length=length, columns=columns)
+
+
+def _see_carried(length: Tensor, slots: int, episode: Tensor) -> Tensor:
+    """``[B, T, L0]``: the carried-in slots below each env's length, seen by the tokens of the carried-in episode."""
+    valid = torch.arange(slots, device=episode.device) < length[:, None]  # [B, L0]
+    return (episode == 0)[:, :, None] & valid[:, None, :]
 
 
 def _episode_visibility(length: Tensor, slots: int, starts: Tensor) -> tuple[Tensor, Tensor]:
@@ -72,8 +100,7 @@ def _episode_visibility(length: Tensor, slots: int, starts: Tensor) -> tuple[Ten
     T = starts.shape[1]
     episode = starts.long().cumsum(1)  # [B, T]; 0 = the episode carried in from before the segment
     t_idx = torch.arange(T, device=starts.device)
-    valid = torch.arange(slots, device=starts.device) < length[:, None]  # [B, L0]
-    see_carried = (episode == 0)[:, :, None] & valid[:, None, :]
+    see_carried = _see_carried(length, slots, episode)
     causal = (t_idx[None, :] <= t_idx[:, None])[None]  # [1, T(query), T(key)]
     return see_carried, causal & (episode[:, None, :] == episode[:, :, None])
 
