@@ -124,7 +124,7 @@ class _Encoder:
         if isinstance(obj, dict):
             items = [[self.value(k, f"{path} key"), self.value(v, f"{path}[{k!r}]")] for k, v in obj.items()]
             return {"kind": "dict", "ref": ref, "items": items}
-        if callable(getattr(type(obj), "plain_state", None)):  # an object that says its own state (see PlainState)
+        if callable(getattr(type(obj), "plain_state", None)):  # an object that says its own state (module docstring)
             return {"kind": "own", "ref": ref, "class": _class_name(obj), "state": self.value(obj.plain_state(), path)}
         if hasattr(obj, "__dict__") and not callable(obj):
             fields = {k: self.value(v, f"{path}.{k}") for k, v in vars(obj).items() if k not in REBUILT}
