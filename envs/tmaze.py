@@ -32,6 +32,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from ham_rl.envs.recall_tasks import _check_int
+
 __all__ = ["PRESETS", "TMazeEnv", "register_tmaze_envs"]
 
 FORWARD, UP, DOWN, BACK = range(4)
@@ -43,8 +45,7 @@ class TMazeEnv(gym.Env):
     metadata: dict[str, Any] = {"render_modes": []}
 
     def __init__(self, corridor_length: int = 50, preamble: int = 0):
-        if isinstance(corridor_length, bool) or not isinstance(corridor_length, int) or corridor_length < 1:
-            raise ValueError(f"`corridor_length` must be an int >= 1, got {corridor_length!r}")
+        corridor_length = _check_int("corridor_length", corridor_length, 1)
         if isinstance(preamble, bool) or not isinstance(preamble, int) or preamble < 0:
             raise ValueError(f"`preamble` must be an int >= 0 (the longest wait before the cue), got {preamble!r}")
         self.corridor_length, self.preamble = corridor_length, preamble
