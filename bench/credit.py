@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import statistics
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -137,5 +136,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=3)
     main()
