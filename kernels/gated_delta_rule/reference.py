@@ -29,16 +29,12 @@ def gated_delta_rule_step(
 
     Returns ``(o [B, H, V], v_hat [B, H, V], new_state [B, H, K, V])``; the caller applies resets to ``state``.
     """
-    B, H, K = k.shape
-    V = v.shape[-1]
     a = g.exp()[..., None]  # [B, H, 1]
-    # Batched [1, K] x [K, V] products over B * H: a few ops per step where einsums would expand to a dozen each.
-    flat = state.reshape(B * H, K, V)
-    v_hat = a * torch.bmm(k.reshape(B * H, 1, K), flat).view(B, H, V)
-    written = (k * beta[..., None]).reshape(B * H, K, 1)
-    new_state = torch.baddbmm(a.reshape(B * H, 1, 1) * flat, written, (v - v_hat).reshape(B * H, 1, V))
-    o = scale * torch.bmm(q.reshape(B * H, 1, K), new_state).view(B, H, V)
-    new_state = new_state.view(B, H, K, V)
+    # Multiply-and-sum, not bmm/baddbmm: for B * H products of [1, K] x [K, V] those run a small-matrix kernel
+    # per product, 4-7x slower on CPU than one elementwise pass over the [B, H, K, V] state.
+    v_hat = a * (k[..., None] * state).sum(-2)
+    new_state = torch.addcmul(a[..., None] * state, (k * beta[..., None])[..., None], (v - v_hat)[..., None, :])
+    o = scale * (q[..., None] * new_state).sum(-2)
     return o, v_hat, new_state
 
 
