@@ -60,6 +60,9 @@ class HybridMemory(Memory):
         DeltaNet's place, before q, k, v, which mixes each step with its neighbours before keys, values and the
         score are formed (recall at an unknown step is learned 4-8x later, docs/recall.md; the layout before
         2026-12-01)
+    :param gate_bias: initial bias of the attention gate (+gate_bias) and of the RNN gate (-gate_bias) when the
+        memory has both paths; > 0 starts the readout on the cache, so attention learns to read its entries before
+        the RNN path settles the readout (associative recall, docs/ham.md). 0: both gates start at 0.5
     :param time_feature: where the step-in-episode embedding enters: ``False`` (default), ``True`` / ``"input"`` (the
         input: an absolute clock in keys, values, queries and the score, which blocks recall at an unknown step,
         docs/recall.md) or ``"readout"`` (added to the output only, for tasks that need elapsed time)
@@ -84,6 +87,7 @@ class HybridMemory(Memory):
         time_feature: bool | str = False,
         conv_path: str = "local",
         score: str = "cosine",
+        gate_bias: float = 0.0,
     ):
         super().__init__(input_size, hidden_size, time_feature)
         if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0 or hidden_size % num_heads:
@@ -106,6 +110,8 @@ class HybridMemory(Memory):
             raise ValueError(f"`target_fraction` must be in [0, 1] or None, got {target_fraction!r}")
         if not isinstance(threshold, int | float) or math.isnan(threshold):
             raise ValueError(f"`threshold` must be a number (inf allowed), got {threshold!r}")
+        if isinstance(gate_bias, bool) or not (isinstance(gate_bias, int | float) and math.isfinite(gate_bias)):
+            raise ValueError(f"`gate_bias` must be a finite number, got {gate_bias!r}")
         if not (isinstance(threshold_lr, int | float) and 0 < threshold_lr < math.inf):
             raise ValueError(f"`threshold_lr` must be a finite number > 0, got {threshold_lr!r}")
         self.has_cache = use_attention  # gdn (no attention path) keeps no cache
@@ -133,6 +139,10 @@ class HybridMemory(Memory):
             with torch.no_grad():
                 rates = torch.logspace(math.log10(0.01), math.log10(0.5), H)
                 self.gates.bias[self.gate_block("decay")] = torch.log(torch.expm1(rates))
+        if gate_bias and use_rnn and use_attention:
+            with torch.no_grad():
+                self.gates.bias[self.gate_block("gate_attn")] = float(gate_bias)
+                self.gates.bias[self.gate_block("gate_rnn")] = -float(gate_bias)
         if use_attention:
             # q and k are unit vectors, so a learned per-head temperature lets attention become sharp
             self.attn_log_scale = nn.Parameter(torch.full((H,), math.log(8.0)))

@@ -145,3 +145,27 @@ def test_readout_clock_leaves_the_memory_contents_free_of_time(name):
 def test_unknown_time_feature_is_one_line():
     with pytest.raises(ValueError, match=r"`time_feature` must be one of False, True, 'input', 'readout', got 'out'$"):
         make_memory("ham", IN, D, time_feature="out")
+
+
+def test_gate_bias_starts_the_readout_on_the_cache():
+    # gate_bias=b: at initialisation the attention gate opens to sigmoid(b), the RNN gate to sigmoid(-b), and nothing
+    # else about the memory changes (same parameters drawn, same outputs once the gates' biases are made equal)
+    torch.manual_seed(0)
+    plain = make_memory("ham", IN, D)
+    torch.manual_seed(0)
+    biased = make_memory("ham", IN, D, gate_bias=2.0)
+    history = biased._split_rnn(biased.initial_state(1).rnn)[1]
+    p, _ = biased._project(torch.zeros(1, 1, IN), history, torch.zeros(1, 1, dtype=torch.long))
+    torch.testing.assert_close(p["gate_attn"], torch.full_like(p["gate_attn"], torch.sigmoid(torch.tensor(2.0)).item()))
+    torch.testing.assert_close(p["gate_rnn"], torch.full_like(p["gate_rnn"], torch.sigmoid(torch.tensor(-2.0)).item()))
+    differs = [n for n, t in biased.state_dict().items() if not torch.equal(t, plain.state_dict()[n])]
+    assert differs == ["gates.bias"]
+    with torch.no_grad():
+        biased.gates.bias.copy_(plain.gates.bias)
+    x, starts = torch.randn(B, T, IN), random_starts(B, T)
+    torch.testing.assert_close(biased(x, biased.initial_state(B), starts)[0], plain(x, plain.initial_state(B), starts)[0])
+    # one path only: nothing to bias
+    torch.manual_seed(0)
+    gdn = make_memory("gdn", IN, D)
+    torch.manual_seed(0)
+    assert torch.equal(make_memory("gdn", IN, D, gate_bias=2.0).gates.bias, gdn.gates.bias)

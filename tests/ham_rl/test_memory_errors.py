@@ -26,6 +26,8 @@ def test_bad_capacity(capacity):
     ({"num_heads": 3}, r"`num_heads` must be a positive int dividing hidden_size=8, got 3"),
     ({"target_fraction": 1.5}, r"`target_fraction` must be in \[0, 1\].*got 1.5"),
     ({"threshold": float("nan")}, r"`threshold` must be a number"),
+    ({"gate_bias": float("inf")}, r"`gate_bias` must be a finite number, got inf"),
+    ({"gate_bias": True}, r"`gate_bias` must be a finite number, got True"),
 ])  # fmt: skip
 def test_bad_ham_options(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
