@@ -32,11 +32,12 @@ CONFIG_PACKAGE = "pkg://ham_rl.configs"
 CONFIG_DIR = Path(str(importlib.resources.files("ham_rl.configs"))).resolve()
 
 #: keys (or dotted leaves) that may differ between a run and its resumption: how it runs, not what it computes
-#: (env.workers gives the same trajectories with any number of worker processes), and total_timesteps to extend a run
+#: (env.workers gives the same trajectories with any number of worker processes; agent.compile the same outputs within
+#: round-off), and total_timesteps to extend a run
 #: (the learning-rate schedule then anneals over the new length from the resumed update on)
 RESUME_MAY_CHANGE = frozenset(
     {"resume", "run_dir", "device", "torch_threads", "progress", "tensorboard", "cache_figure_every", "checkpoint_every",
-     "stop_after_updates", "total_timesteps", "env.workers"}
+     "stop_after_updates", "total_timesteps", "env.workers", "agent.compile"}
 )  # fmt: skip
 
 

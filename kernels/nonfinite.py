@@ -42,7 +42,7 @@ def all_finite(*tensors: Tensor | None) -> bool:
 
 def zero_rows(t: Tensor, rows: Tensor) -> Tensor:
     """``t`` with the rows (first dim) where ``rows [B]`` is True set to 0 by selection, never by a multiply."""
-    if t.numel() > 8192 and t.device.type == "cpu":
+    if t.numel() > 8192 and t.device.type == "cpu" and not torch.compiler.is_compiling():
         # On CPU, where() with a broadcast mask costs ~4x a multiply per element; index_fill touches only the reset rows.
         return t.index_fill(0, rows.nonzero().squeeze(1), 0.0) if rows.any() else t
     # On a GPU, or for a small tensor, where() costs about a multiply and asks nothing of the host.

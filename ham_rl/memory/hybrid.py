@@ -435,29 +435,31 @@ class HybridMemory(Memory):
         )
 
     # -- step form -----------------------------------------------------------------------------------------
+    def compile_step(self) -> None:
+        """Run the step's tensor work (projections, ``ham_step``, readout) as one ``torch.compile``d function.
+
+        Compiled with dynamic shapes, so the cache's growth does not recompile per step; tau is passed as a tensor, so
+        the feedback rule's updates do not recompile either.
+        """
+        self._step_tensors = torch.compile(self._step_core, dynamic=True)
 
     def _step(self, x, state, start, steps):
         S, history = self._split_rnn(state.rnn)
-        p, history = self._project(x[:, None], history, steps[:, None])
-        p = {name: t[:, 0] for name, t in p.items()}  # [B, 1, ...] -> [B, ...]
         B, H, d = x.shape[0], self.num_heads, self.head_dim
+        compiled = getattr(self, "_step_tensors", None)
         cache, need = state.cache, 1
         if cache is None:  # gdn: a stand-in cache the step op never touches
             cache = KVCache.empty(B, H, d, d, need, x.device, x.dtype)
         else:
             need = min(int(cache.length.max()) + 1, self.capacity + 1 if self.capacity else math.inf)
-            cache = cache.reserve(need)
+            # Compiled, one spare slot keeps the views below strided alike at every size (no recompile on contiguity).
+            cache = cache.reserve(need + 1 if compiled else need)
         # Only the slots an env can use now, as views (writes land in the cache): spare allocation is never read.
         used = [t[:, :need] for t in (cache.keys, cache.values, cache.scores, cache.times)]
         rnn = S if self.use_rnn else x.new_zeros(B, H, d, d)
-        zeros = x.new_zeros(B, H)
-        o, rnn_new, length, score, routed = ham_step(
-            p["q"], p["k"], p["v"], p.get("beta", zeros), p.get("g", zeros),
-            p.get("gate_rnn", zeros), p.get("gate_attn", zeros), rnn,
-            *used, cache.length,
-            start, steps, float(self.tau), self.capacity, p.get("router"),
-            self.use_rnn, self.use_attention, self.attn_log_scale.exp() if self.use_attention else None, self.score,
-        )  # fmt: skip
+        y, rnn_new, history, length, score, routed = (compiled or self._step_core)(
+            x, rnn, history, *used, cache.length, start, steps, self.tau if compiled else float(self.tau)
+        )
         if self.use_attention:
             self._stored += routed.sum()
             self._seen += B
@@ -466,5 +468,20 @@ class HybridMemory(Memory):
         else:
             cache = None
         rnn_state = self._join_rnn(rnn_new if self.use_rnn else None, history)
+        return y, MemoryState(rnn=rnn_state, cache=cache, episode_len=state.episode_len)
+
+    def _step_core(self, x, rnn, history, keys, values, scores, times, length, start, steps, tau):
+        """The step's tensor work: ``(y, rnn state, conv history, length, score, routed)``; the cache slots are
+        written in place. Nothing here reads a tensor's value on the host, so ``torch.compile`` keeps it one graph."""
+        p, history = self._project(x[:, None], history, steps[:, None])
+        p = {name: t[:, 0] for name, t in p.items()}  # [B, 1, ...] -> [B, ...]
+        zeros = x.new_zeros(x.shape[0], self.num_heads)
+        o, rnn, length, score, routed = ham_step(
+            p["q"], p["k"], p["v"], p.get("beta", zeros), p.get("g", zeros),
+            p.get("gate_rnn", zeros), p.get("gate_attn", zeros), rnn,
+            keys, values, scores, times, length,
+            start, steps, tau, self.capacity, p.get("router"),
+            self.use_rnn, self.use_attention, self.attn_log_scale.exp() if self.use_attention else None, self.score,
+        )  # fmt: skip
         o = self._add_local(p, o.to(x.dtype))
-        return self._readout(o), MemoryState(rnn=rnn_state, cache=cache, episode_len=state.episode_len)
+        return self._readout(o), rnn, history, length, score, routed
