@@ -16,13 +16,15 @@ from ham_rl.envs import VecEnv, resolve_env_id
 SB3_SETTINGS = ("matched", "defaults")
 
 
-def make_ours(env: str, memory: str, hidden: int, cfg: PPOConfig, total_steps: int, seed: int) -> PPO:
-    """Our PPO on ``memory`` (HAM memories with 4 heads), seeded, ready to ``iterate()``."""
+def make_ours(
+    env: str, memory: str, hidden: int, cfg: PPOConfig, total_steps: int, seed: int, options: dict | None = None
+) -> PPO:
+    """Our PPO on ``memory`` with ``options`` (default: HAM memories with 4 heads), seeded, ready to ``iterate()``."""
     import torch
 
     torch.manual_seed(seed)
     venv = VecEnv(env, cfg.num_envs, seed=seed)
-    opts = {"num_heads": 4} if memory.startswith("ham") else {}
+    opts = options if options is not None else ({"num_heads": 4} if memory.startswith("ham") else {})
     agent = RecurrentActorCritic(venv.feature_dim, venv.action_space, memory, hidden, opts)
     return PPO(agent, venv, cfg, total_timesteps=total_steps)
 

@@ -15,24 +15,67 @@ ratios to each RecurrentPPO setting.
 
     python bench/throughput.py                  # the trainer's defaults: 32 envs x 64 steps, 8 minibatches; 3 repeats
     python bench/throughput.py --num-envs 8 --num-steps 128 --minibatches 4 --sb3-settings matched
+
+``--baseline COMMIT`` adds our trainer as it was at that commit (ham, with that commit's ham config), run from a
+temporary ``git worktree`` of it in a subprocess per repeat, on the same env: an env this checkout defines
+(``envs/recall_tasks.py``, which imports only gymnasium and numpy) is registered there from this checkout's file, so
+a commit from before the env existed can still be timed on it. The table then has the ratio to it too (issue 19).
+
+    python bench/throughput.py --env cue-random-d200 --num-steps 202 --steps 19392 --baseline 44ed554
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 if __package__ in (None, ""):  # `python bench/<name>.py`: bench.contenders comes from the checkout
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch
+import yaml
 
 from bench.contenders import SB3_SETTINGS, make_ours, make_recurrent_ppo
 from ham_rl.agents import PPOConfig
+from ham_rl.envs import resolve_env_id
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs in a subprocess inside the baseline's worktree: that commit's PPO and ham (its configs/memory/ham.yaml), timed
+# as ours() times this checkout's; prints {"sps": ...}. At the commits this is for, agents and envs were top-level.
+BASELINE_RUN = r"""
+import importlib.util, json, sys, time, warnings
+import torch, yaml
+root, tasks, env_id, hidden, num_envs, num_steps, minibatches, steps, threads = sys.argv[1:]
+sys.path.insert(0, root)
+spec = importlib.util.spec_from_file_location("_recall_tasks", tasks)
+tasks_module = sys.modules["_recall_tasks"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tasks_module)  # registers this checkout's env ids
+warnings.filterwarnings("ignore")
+torch.set_num_threads(int(threads))
+from agents import PPO, PPOConfig, RecurrentActorCritic
+from envs import VecEnv
+options = yaml.safe_load(open(f"{root}/configs/memory/ham.yaml"))
+name, _ = options.pop("name"), options.pop("hidden_size")
+cfg = PPOConfig(num_envs=int(num_envs), num_steps=int(num_steps), num_minibatches=int(minibatches), update_epochs=4,
+                learning_rate=5e-4, anneal_lr=False, ent_coef=0.01)
+torch.manual_seed(0)
+venv = VecEnv(env_id, cfg.num_envs, seed=0)
+agent = RecurrentActorCritic(venv.feature_dim, venv.action_space, name, int(hidden), options)
+ppo = PPO(agent, venv, cfg, total_timesteps=int(steps))
+t = time.perf_counter()
+while ppo.update < ppo.num_updates:
+    ppo.iterate()
+print(json.dumps({"sps": ppo.global_step / (time.perf_counter() - t)}))
+"""
 
 
 def _config(args) -> PPOConfig:
@@ -47,8 +90,15 @@ def _config(args) -> PPOConfig:
     )
 
 
+def memory_options(memory: str) -> dict:
+    """The options of ``configs/memory/<memory>.yaml``: the trainer's memory, as ``python -m ham_rl.train`` builds it."""
+    options = yaml.safe_load((ROOT / "configs" / "memory" / f"{memory}.yaml").read_text())
+    options.pop("name"), options.pop("hidden_size")
+    return options
+
+
 def ours(memory: str, args) -> float:
-    ppo = make_ours(args.env, memory, args.hidden, _config(args), args.steps, seed=0)
+    ppo = make_ours(args.env, memory, args.hidden, _config(args), args.steps, seed=0, options=memory_options(memory))
     t = time.perf_counter()
     while ppo.update < ppo.num_updates:
         ppo.iterate()
@@ -60,6 +110,28 @@ def recurrent_ppo(args, settings: str) -> float:
     t = time.perf_counter()
     model.learn(args.steps)
     return model.num_timesteps / (time.perf_counter() - t)
+
+
+def baseline(worktree: Path, args) -> float:
+    """Env-steps/s of the baseline commit's trainer with ham, in a fresh process inside its worktree."""
+    argv = [str(worktree), str(ROOT / "envs" / "recall_tasks.py"), resolve_env_id(args.env), args.hidden,
+            args.num_envs, args.num_steps, args.minibatches, args.steps, args.threads]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    out = subprocess.run([sys.executable, "-c", BASELINE_RUN, *map(str, argv)], cwd=worktree, env=env,
+                         capture_output=True, text=True, check=False)  # fmt: skip
+    if out.returncode:
+        raise RuntimeError(f"the baseline run failed (exit {out.returncode}): {out.stderr.strip().splitlines()[-1]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["sps"]
+
+
+def add_worktree(commit: str, parent: str) -> Path:
+    """``git worktree add --detach`` of ``commit`` under ``parent``; one line naming the commit if git refuses."""
+    path = Path(parent) / "baseline"
+    out = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), commit],
+                         capture_output=True, text=True, check=False)  # fmt: skip
+    if out.returncode:
+        raise SystemExit(f"--baseline {commit!r}: git worktree add failed: {out.stderr.strip().splitlines()[-1]}")
+    return path
 
 
 def main() -> None:
@@ -81,20 +153,31 @@ def main() -> None:
         default=list(SB3_SETTINGS),
         help="RecurrentPPO settings to time (none: skip it)",
     )
+    p.add_argument("--memories", nargs="*", default=["ham", "gru", "attention"], help="memories of our trainer to time")
+    p.add_argument("--baseline", metavar="COMMIT", help="also time ham with the trainer of this commit (a worktree)")
     args = p.parse_args()
     if args.steps < args.num_envs * args.num_steps:
         p.error("--steps must be >= num_envs * num_steps")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
 
-    contenders = {"ours-ham": lambda: ours("ham", args), "ours-gru": lambda: ours("gru", args)}
+    contenders = {f"ours-{m}": lambda m=m: ours(m, args) for m in args.memories}
     for settings in args.sb3_settings:
         contenders[f"RecurrentPPO-{settings}"] = lambda settings=settings: recurrent_ppo(args, settings)
-    results: dict[str, list[float]] = {k: [] for k in contenders}
-    for r in range(args.repeats):
-        for name, fn in contenders.items():
-            results[name].append(fn())
-            print(f"repeat {r + 1}/{args.repeats} {name:24s} {results[name][-1]:10.0f} steps/s", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        worktree = None
+        if args.baseline:
+            worktree = add_worktree(args.baseline, tmp)
+            contenders[f"{args.baseline}-ham"] = lambda: baseline(worktree, args)
+        try:
+            results: dict[str, list[float]] = {k: [] for k in contenders}
+            for r in range(args.repeats):
+                for name, fn in contenders.items():
+                    results[name].append(fn())
+                    print(f"repeat {r + 1}/{args.repeats} {name:24s} {results[name][-1]:10.0f} steps/s", flush=True)
+        finally:
+            if worktree is not None:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], check=False)
     med = {k: statistics.median(v) for k, v in results.items()}
     print(
         f"\nenv={args.env} num_envs={args.num_envs} num_steps={args.num_steps} hidden={args.hidden} "
@@ -104,8 +187,11 @@ def main() -> None:
     print(f"{'contender':24s} {'steps/s (median)':>18s}" + "".join(f" {'x ' + k:>24s}" for k in bases))
     for k, v in med.items():
         print(f"{k:24s} {v:18.0f}" + "".join(f" {v / b:24.2f}" for b in bases.values()))
-    for k, b in bases.items():
-        print(f"\nours-ham / {k} = {med['ours-ham'] / b:.2f}x (target >= 10x); ours-gru / {k} = {med['ours-gru'] / b:.2f}x")
+    if "ours-ham" in med:
+        for k, b in bases.items():
+            print(f"\nours-ham / {k} = {med['ours-ham'] / b:.2f}x (issue 19: >= 4x matched)")
+        if args.baseline:
+            print(f"ours-ham / {args.baseline}-ham = {med['ours-ham'] / med[f'{args.baseline}-ham']:.2f}x (issue 19: >= 3x)")
 
 
 if __name__ == "__main__":
