@@ -1,0 +1,82 @@
+"""Return against a task's size, one line per memory: MMER (mean ± 95% CI over seeds) of finished runs, plotted
+against the number of (key, value) pairs of associative recall or the corridor length of the T-Maze.
+
+The size comes from the run's env id through the preset tables (``envs/recall_tasks.py``, ``envs/tmaze.py``); runs of
+other envs are skipped with a note. Prints the table it plots.
+
+    python bench/return_against.py pairs /tmp/runs/ar2-* /tmp/runs/ar4-* --out docs/results/ar_return_vs_pairs.png
+    python bench/return_against.py corridor /tmp/runs/tm* --out docs/results/tmaze_return_vs_length.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python bench/<name>.py`: run from the checkout
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ham_rl.envs.recall_tasks import PRESETS as RECALL_PRESETS  # noqa: E402
+from ham_rl.envs.tmaze import PRESETS as TMAZE_PRESETS  # noqa: E402
+from ham_rl.report.plots import memory_colors  # noqa: E402
+from ham_rl.report.runs import find_runs  # noqa: E402
+from ham_rl.report.stats import mean_ci  # noqa: E402
+
+#: size name -> (axis label, {gymnasium id: size})
+SIZES = {
+    "pairs": (
+        "(key, value) pairs",
+        {env_id: kw["num_pairs"] for env_id, task, kw in RECALL_PRESETS.values() if task == "associative" and kw},
+    ),
+    "corridor": ("corridor length L", {env_id: kw["corridor_length"] for env_id, kw in TMAZE_PRESETS.values()}),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("size", choices=sorted(SIZES), help="what the x axis is")
+    p.add_argument("runs", nargs="+", type=Path, help="run directories, or folders searched for them")
+    p.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    args = p.parse_args()
+    label, size_of = SIZES[args.size]
+    by_memory: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in find_runs(args.runs):
+        if run.env not in size_of:
+            print(f"skipped {run.path}: {run.env} is not a {args.size} preset")
+            continue
+        by_memory[run.memory][size_of[run.env]].append(run.mmer)
+    if not by_memory:
+        raise SystemExit(f"no finished run of a {args.size} preset under {', '.join(map(str, args.runs))}")
+    colors = memory_colors(list(by_memory))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    print(f"{'memory':12s} {label:>20s} {'MMER':>8s} {'± 95% CI':>9s} {'seeds':>6s}")
+    for memory, points in sorted(by_memory.items()):
+        xs = sorted(points)
+        stats = [mean_ci(points[x]) for x in xs]
+        for x, (mean, half, n) in zip(xs, stats, strict=True):
+            print(f"{memory:12s} {x:20d} {mean:8.3f} {'' if math.isnan(half) else f'{half:9.3f}'} {n:6d}")
+        means = [s[0] for s in stats]
+        halves = [0.0 if math.isnan(s[1]) else s[1] for s in stats]
+        ax.errorbar(xs, means, yerr=halves, marker="o", capsize=3, label=memory, color=colors[memory])
+    ax.set_xlabel(label)
+    ax.set_ylabel("MMER (mean ± 95% CI over seeds)")
+    ax.set_xscale("log" if args.size == "corridor" else "linear")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
