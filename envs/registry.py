@@ -35,6 +35,13 @@ ENV_ALIASES: dict[str, str] = {
     "popgym-minesweeper": "popgym-MineSweeperEasy-v0",
     "popgym-concentration": "popgym-ConcentrationEasy-v0",
     "popgym-pendulum": "popgym-PositionOnlyPendulumEasy-v0",
+    # the memory tasks at Medium and Hard (popgym-repeat-medium is RepeatPrevious Medium)
+    "popgym-repeat-medium": "popgym-RepeatPreviousMedium-v0",
+    "popgym-repeat-hard": "popgym-RepeatPreviousHard-v0",
+    "popgym-repeat-first-medium": "popgym-RepeatFirstMedium-v0",
+    "popgym-repeat-first-hard": "popgym-RepeatFirstHard-v0",
+    "popgym-count-recall-medium": "popgym-CountRecallMedium-v0",
+    "popgym-count-recall-hard": "popgym-CountRecallHard-v0",
     # the project's recall tasks (envs/recall_tasks.py): cue-recall, cue-random-d50, ar-4, ...
     **{alias: env_id for alias, (env_id, _, _) in RECALL_PRESETS.items()},
     # passive T-Maze (envs/tmaze.py): tmaze-l50 ... tmaze-l1000

@@ -1,8 +1,13 @@
 """Saved run configs load with the settings of their time."""
 
+import pytest
 from omegaconf import OmegaConf
+from train_helpers import cfg_of
 
-from ham_rl.config import load_run_config
+from ham_rl.agents import PPOConfig
+from ham_rl.config import CONFIG_DIR, load_run_config, memory_kwargs
+from ham_rl.envs import resolve_env_id
+from ham_rl.memory import memory_options
 
 
 def _saved(tmp_path, memory: dict):
@@ -60,3 +65,12 @@ def test_count_recall_preset_gives_every_memory_the_readout_clock_and_the_comman
         off = compose("config", overrides=["env=popgym-count-recall", "memory.time_feature=false"])
         assert off.memory.time_feature is False
         assert compose("config", overrides=["env=popgym-repeat"]).memory.time_feature is False
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONFIG_DIR / "env").glob("*.yaml")))
+def test_every_env_preset_composes_to_a_registered_env_and_valid_options(preset):
+    cfg = cfg_of(f"env={preset}", "memory=ham")
+    assert resolve_env_id(cfg.env.id)  # raises for an unknown env, listing the known ones
+    name, hidden, options = memory_kwargs(cfg.memory)
+    assert set(options) <= set(memory_options(name)), f"{preset} sets memory options ham does not have"
+    PPOConfig.from_dict(OmegaConf.to_container(cfg.agent, resolve=True))  # raises naming a bad agent setting
