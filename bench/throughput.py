@@ -10,7 +10,8 @@ memory size. RecurrentPPO runs in one or both of two settings (--sb3-settings):
   gives it: batch_size 128, 10 epochs, a second LSTM for the critic. The ratio is then what a user switching trainers
   sees, including the difference in gradient work per env step.
 
-Prints the median env-steps/s over the repeats (contenders interleaved so that machine load hits all alike) and the
+Our trainer is timed after one untimed warm-up iteration (``agent.compile`` compiles there). Prints the median
+env-steps/s over the repeats (contenders interleaved so that machine load hits all alike) and the
 ratios to each RecurrentPPO setting.
 
     python bench/throughput.py                  # the trainer's defaults: 32 envs x 64 steps, 8 minibatches; 3 repeats
@@ -21,7 +22,7 @@ temporary ``git worktree`` of it in a subprocess per repeat, on the same env: an
 (``envs/recall_tasks.py``, which imports only gymnasium and numpy) is registered there from this checkout's file, so
 a commit from before the env existed can still be timed on it. The table then has the ratio to it too (issue 19).
 
-    python bench/throughput.py --env cue-random-d200 --num-steps 202 --steps 19392 --baseline 44ed554
+    python bench/throughput.py --env cue-random-d200 --num-steps 202 --steps 19392 --baseline 44ed554 --compile
 """
 
 from __future__ import annotations
@@ -70,15 +71,16 @@ cfg = PPOConfig(num_envs=int(num_envs), num_steps=int(num_steps), num_minibatche
 torch.manual_seed(0)
 venv = VecEnv(env_id, cfg.num_envs, seed=0)
 agent = RecurrentActorCritic(venv.feature_dim, venv.action_space, name, int(hidden), options)
-ppo = PPO(agent, venv, cfg, total_timesteps=int(steps))
-t = time.perf_counter()
+ppo = PPO(agent, venv, cfg, total_timesteps=int(steps) + cfg.num_envs * cfg.num_steps)
+ppo.iterate()  # warm-up, untimed, as for this checkout's contenders
+t, start = time.perf_counter(), ppo.global_step
 while ppo.update < ppo.num_updates:
     ppo.iterate()
-print(json.dumps({"sps": ppo.global_step / (time.perf_counter() - t)}))
+print(json.dumps({"sps": (ppo.global_step - start) / (time.perf_counter() - t)}))
 """
 
 
-def _config(args) -> PPOConfig:
+def _config(args, compile: bool = False) -> PPOConfig:
     return PPOConfig(
         num_envs=args.num_envs,
         num_steps=args.num_steps,
@@ -87,6 +89,7 @@ def _config(args) -> PPOConfig:
         learning_rate=5e-4,
         anneal_lr=False,
         ent_coef=0.01,
+        compile=compile,
     )
 
 
@@ -97,12 +100,15 @@ def memory_options(memory: str) -> dict:
     return options
 
 
-def ours(memory: str, args) -> float:
-    ppo = make_ours(args.env, memory, args.hidden, _config(args), args.steps, seed=0, options=memory_options(memory))
-    t = time.perf_counter()
+def ours(memory: str, args, compile: bool = False) -> float:
+    """Env-steps/s of our trainer after one untimed warm-up iteration (where ``agent.compile`` compiles)."""
+    cfg = _config(args, compile)
+    ppo = make_ours(args.env, memory, args.hidden, cfg, args.steps + cfg.batch_size, seed=0, options=memory_options(memory))
+    ppo.iterate()
+    t, start = time.perf_counter(), ppo.global_step
     while ppo.update < ppo.num_updates:
         ppo.iterate()
-    return ppo.global_step / (time.perf_counter() - t)
+    return (ppo.global_step - start) / (time.perf_counter() - t)
 
 
 def recurrent_ppo(args, settings: str) -> float:
@@ -154,6 +160,7 @@ def main() -> None:
         help="RecurrentPPO settings to time (none: skip it)",
     )
     p.add_argument("--memories", nargs="*", default=["ham", "gru", "attention"], help="memories of our trainer to time")
+    p.add_argument("--compile", action="store_true", help="also time ham with agent.compile=true")
     p.add_argument("--baseline", metavar="COMMIT", help="also time ham with the trainer of this commit (a worktree)")
     args = p.parse_args()
     if args.steps < args.num_envs * args.num_steps:
@@ -162,6 +169,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
 
     contenders = {f"ours-{m}": lambda m=m: ours(m, args) for m in args.memories}
+    if args.compile:
+        contenders["ours-ham-compile"] = lambda: ours("ham", args, compile=True)
     for settings in args.sb3_settings:
         contenders[f"RecurrentPPO-{settings}"] = lambda settings=settings: recurrent_ppo(args, settings)
     with tempfile.TemporaryDirectory() as tmp:
@@ -191,7 +200,9 @@ def main() -> None:
         for k, b in bases.items():
             print(f"\nours-ham / {k} = {med['ours-ham'] / b:.2f}x (issue 19: >= 4x matched)")
         if args.baseline:
-            print(f"ours-ham / {args.baseline}-ham = {med['ours-ham'] / med[f'{args.baseline}-ham']:.2f}x (issue 19: >= 3x)")
+            for k in ("ours-ham", "ours-ham-compile"):
+                if k in med:
+                    print(f"{k} / {args.baseline}-ham = {med[k] / med[f'{args.baseline}-ham']:.2f}x (issue 19: >= 3x)")
 
 
 if __name__ == "__main__":
