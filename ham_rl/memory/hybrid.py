@@ -439,8 +439,11 @@ class HybridMemory(Memory):
         """Run the step's tensor work (projections, ``ham_step``, readout) as one ``torch.compile``d function.
 
         Compiled with dynamic shapes, so the cache's growth does not recompile per step; tau is passed as a tensor, so
-        the feedback rule's updates do not recompile either.
+        the feedback rule's updates do not recompile either. A memory on a GPU keeps its step, already one Triton
+        kernel (``kernels/ham_step``).
         """
+        if self.qkv.weight.is_cuda:
+            return
         self._step_tensors = torch.compile(self._step_core, dynamic=True)
 
     def _step(self, x, state, start, steps):
@@ -472,7 +475,8 @@ class HybridMemory(Memory):
 
     def _step_core(self, x, rnn, history, keys, values, scores, times, length, start, steps, tau):
         """The step's tensor work: ``(y, rnn state, conv history, length, score, routed)``; the cache slots are
-        written in place. Nothing here reads a tensor's value on the host, so ``torch.compile`` keeps it one graph."""
+        written in place. Compiled, nothing here reads a tensor's value on the host (the reference's finiteness checks
+        step aside under ``torch.compiler.is_compiling()``), so it stays one graph."""
         p, history = self._project(x[:, None], history, steps[:, None])
         p = {name: t[:, 0] for name, t in p.items()}  # [B, 1, ...] -> [B, ...]
         zeros = x.new_zeros(x.shape[0], self.num_heads)
