@@ -70,6 +70,8 @@ def main() -> None:
     ax.set_xlabel(label)
     ax.set_ylabel("MMER (mean ± 95% CI over seeds)")
     ax.set_xscale("log" if args.size == "corridor" else "linear")
+    sizes = sorted({x for points in by_memory.values() for x in points})
+    ax.set_xticks(sizes, [str(x) for x in sizes])
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
