@@ -42,11 +42,12 @@ if __package__ in (None, ""):  # `python bench/<name>.py`: bench.contenders come
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch
-import yaml
+from omegaconf import OmegaConf
 
 from bench.contenders import SB3_SETTINGS, make_ours, make_recurrent_ppo
 from ham_rl.agents import PPOConfig
-from ham_rl.envs import resolve_env_id
+from ham_rl.config import CONFIG_DIR, memory_kwargs
+from ham_rl.envs import recall_tasks, resolve_env_id
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,17 +94,15 @@ def _config(args, compile: bool = False) -> PPOConfig:
     )
 
 
-def memory_options(memory: str) -> dict:
+def trainer_options(memory: str) -> dict:
     """The options of ``configs/memory/<memory>.yaml``: the trainer's memory, as ``python -m ham_rl.train`` builds it."""
-    options = yaml.safe_load((ROOT / "configs" / "memory" / f"{memory}.yaml").read_text())
-    options.pop("name"), options.pop("hidden_size")
-    return options
+    return memory_kwargs(OmegaConf.load(CONFIG_DIR / "memory" / f"{memory}.yaml"))[2]
 
 
 def ours(memory: str, args, compile: bool = False) -> float:
     """Env-steps/s of our trainer after one untimed warm-up iteration (where ``agent.compile`` compiles)."""
     cfg = _config(args, compile)
-    ppo = make_ours(args.env, memory, args.hidden, cfg, args.steps + cfg.batch_size, seed=0, options=memory_options(memory))
+    ppo = make_ours(args.env, memory, args.hidden, cfg, args.steps + cfg.batch_size, seed=0, options=trainer_options(memory))
     ppo.iterate()
     t, start = time.perf_counter(), ppo.global_step
     while ppo.update < ppo.num_updates:
@@ -120,7 +119,7 @@ def recurrent_ppo(args, settings: str) -> float:
 
 def baseline(worktree: Path, args) -> float:
     """Env-steps/s of the baseline commit's trainer with ham, in a fresh process inside its worktree."""
-    argv = [str(worktree), str(ROOT / "envs" / "recall_tasks.py"), resolve_env_id(args.env), args.hidden,
+    argv = [str(worktree), recall_tasks.__file__, resolve_env_id(args.env), args.hidden,
             args.num_envs, args.num_steps, args.minibatches, args.steps, args.threads]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     out = subprocess.run([sys.executable, "-c", BASELINE_RUN, *map(str, argv)], cwd=worktree, env=env,
