@@ -154,6 +154,8 @@ class HybridMemory(Memory):
         # Routing counts of step() calls since the last end_update (rollout tokens), for kv_fraction.
         self.register_buffer("_stored", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("_seen", torch.zeros((), dtype=torch.float64), persistent=False)
+        #: the compiled ``_step_core`` once ``compile_step`` ran, else None (the eager step)
+        self._step_tensors = None
 
     def _conv_channels(self) -> int:
         return self.hidden_size if self.conv_path == "local" else 3 * self.hidden_size
@@ -449,7 +451,7 @@ class HybridMemory(Memory):
     def _step(self, x, state, start, steps):
         S, history = self._split_rnn(state.rnn)
         B, H, d = x.shape[0], self.num_heads, self.head_dim
-        compiled = getattr(self, "_step_tensors", None)
+        compiled = self._step_tensors
         cache, need = state.cache, 1
         if cache is None:  # gdn: a stand-in cache the step op never touches
             cache = KVCache.empty(B, H, d, d, need, x.device, x.dtype)
