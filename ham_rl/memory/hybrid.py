@@ -396,8 +396,9 @@ class HybridMemory(Memory):
             values_all = torch.cat([cache.values.to(values.dtype), values], 1)
             index, visible = seen_candidates(plan.visible)
             index = plan.candidates(index)
-            per_column = index[..., None, None].expand(-1, -1, *keys_all.shape[2:])
-            keys, values = keys_all.gather(1, per_column), values_all.gather(1, per_column)
+            # Indexing, not gather: its backward keeps the index only, gather's also keeps the [B, L0 + T] keys
+            rows = torch.arange(index.shape[0], device=index.device)[:, None]
+            keys, values = keys_all[rows, index], values_all[rows, index]
             o_kv = cache_attention(p["q_attn"], keys, values, visible, 1.0)
             cache = self._gather_cache(cache, plan, keys_all, values_all, score, steps)
         return o_rnn, o_kv, S, cache
@@ -425,12 +426,12 @@ class HybridMemory(Memory):
     def _gather_cache(cache: KVCache, plan, keys_all: Tensor, values_all: Tensor, score: Tensor, steps: Tensor) -> KVCache:
         """The cache after the segment: the candidates the plan keeps, in the step form's slot order."""
         src = plan.final_source  # [B, Lf]
-        per_slot = src[..., None, None].expand(-1, -1, *keys_all.shape[2:])
+        rows = torch.arange(src.shape[0], device=src.device)[:, None]
         scores_all = torch.cat([cache.scores, score.detach().to(cache.scores.dtype)], 1)
         times_all = torch.cat([cache.times, steps], 1)
         return KVCache(
-            keys=keys_all.gather(1, per_slot),
-            values=values_all.gather(1, per_slot),
+            keys=keys_all[rows, src],  # indexing, as for the candidates: the backward keeps src, not keys_all
+            values=values_all[rows, src],
             scores=scores_all.gather(1, src),
             times=times_all.gather(1, src),
             length=plan.final_length,

@@ -31,41 +31,47 @@ def _masked(t: Tensor, steps: Tensor, lag: int) -> Tensor:
     return torch.where((steps >= lag)[..., None], t, 0.0)
 
 
-def _forward(x: Tensor, history: Tensor, steps: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
-    """``(pre-activation, the masked lagged inputs, new history)``."""
+def _lag(padded: Tensor, steps: Tensor, K: int, j: int) -> Tensor:
+    """The inputs ``j`` steps back, 0 before the episode's start, from ``padded = [history, x]``."""
+    T = steps.shape[1]
+    return _masked(padded[:, K - 1 - j : K - 1 - j + T], steps, j) if j else padded[:, K - 1 :]
+
+
+def _forward(x: Tensor, history: Tensor, steps: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(pre-activation, padded = [history, x], new history)``."""
     K, T = weight.shape[0], x.shape[1]
     padded = torch.cat([history.to(x.dtype), x], 1)  # [B, K - 1 + T, C]; row K - 1 + t holds x_t
     pre = torch.addcmul(bias, x, weight[0])
-    lagged = [x]
     for j in range(1, K):
-        lagged.append(_masked(padded[:, K - 1 - j : K - 1 - j + T], steps, j))
-        pre.addcmul_(lagged[j], weight[j])
-    return pre, lagged, padded[:, T:]
+        pre.addcmul_(_lag(padded, steps, K, j), weight[j])
+    return pre, padded, padded[:, T:]
 
 
 class _ShortConvFunction(torch.autograd.Function):
     """``SiLU(bias + sum_j w_j x_{t-j} [steps_t >= j])`` on ``padded = [history, x]``, forward and backward by hand.
 
     Autograd through masked shifted slices records about 20 ops on ``[B, T, C]`` tensors and replays twice as many
-    in the backward; here each lag is one ``where`` (the reset mask) and one in-place ``addcmul_``, forward and backward.
+    in the backward; here each lag is one ``where`` (the reset mask) and one in-place ``addcmul_`` in the forward,
+    and the backward redoes the ``where`` rather than keeping every lag.
     """
 
     @staticmethod
     def forward(ctx, x, history, steps, weight, bias):
-        pre, lagged, new_history = _forward(x, history, steps, weight, bias)
-        ctx.save_for_backward(steps, weight, pre, *lagged)
+        pre, padded, new_history = _forward(x, history, steps, weight, bias)
+        # padded, not the K masked lags: the backward redoes each lag's where (K - 1 copies of x fewer kept)
+        ctx.save_for_backward(steps, weight, pre, padded)
         ctx.dtypes = (x.dtype, history.dtype, weight.dtype, bias.dtype)  # mixed precision: grads match inputs
         return nn.functional.silu(pre), new_history
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, _dhistory_out):
-        steps, weight, pre, *lagged = ctx.saved_tensors
+        steps, weight, pre, padded = ctx.saved_tensors
         K, (B, T, C) = weight.shape[0], pre.shape
         dpre = torch.ops.aten.silu_backward(dy, pre)
         dpadded = dpre.new_zeros(B, K - 1 + T, C)
         torch.mul(dpre, weight[0], out=dpadded[:, K - 1 :])
-        dweight = torch.stack([(dpre * lagged[j]).sum((0, 1)) for j in range(K)])
+        dweight = torch.stack([(dpre * _lag(padded, steps, K, j)).sum((0, 1)) for j in range(K)])
         for j in range(1, K):
             dpadded[:, K - 1 - j : K - 1 - j + T].addcmul_(_masked(dpre, steps, j), weight[j])
         dbias = dpre.sum((0, 1))

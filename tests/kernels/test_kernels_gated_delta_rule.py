@@ -94,6 +94,64 @@ def test_torch_chunk_backward_with_unused_outputs(used):
         assert_close(name, a, b, 1e-5)
 
 
+@pytest.mark.parametrize("segment_chunks", [1, 2, 3])
+@pytest.mark.parametrize("starts_mode, with_h0", [("inside", True), (None, False), ("first", False)])
+def test_torch_chunk_segments_recompute_the_same_values_and_gradients(segment_chunks, starts_mode, with_h0):
+    # 70 steps in chunks of 8: 9 chunks, so 1, 2 and 3 chunks per segment leave a short last segment or not.
+    xs, starts, h0 = _inputs(2, 70, 2, 16, 8, torch.float32, starts_mode, with_h0)
+    ref = _run(naive_recurrent_gated_delta_rule, xs, starts, h0, 0.7)
+    whole = _run(lambda *a: torch_chunk_gated_delta_rule(*a, chunk_size=8, segment_chunks=16), xs, starts, h0, 0.7)
+    seg = _run(lambda *a: torch_chunk_gated_delta_rule(*a, chunk_size=8, segment_chunks=segment_chunks), xs, starts, h0, 0.7)
+    for name, a, b, c in zip(NAMES, ref, whole, seg, strict=False):
+        assert_close(name, a, c, 1e-5)
+        assert_close(name, b, c, 1e-5)
+
+
+def test_torch_chunk_segments_with_unused_outputs_and_gradcheck():
+    xs, starts, h0 = _inputs(1, 11, 1, 4, 3, torch.float64, "inside", True)
+    xs = [x.detach().double().requires_grad_() for x in xs]
+    h0 = h0.detach().double().requires_grad_()
+
+    def fn(*a):
+        return torch_chunk_gated_delta_rule(*a[:5], starts, a[5], 0.7, chunk_size=2, segment_chunks=2)
+
+    assert torch.autograd.gradcheck(fn, (*xs, h0))
+    # the training loss reads o only: no v_hat or final-state gradient reaches the segments' backward
+    o_seg = fn(*xs, h0)[0]
+    got = torch.autograd.grad(o_seg.sum(), [*xs, h0])
+    want = torch.autograd.grad(naive_recurrent_gated_delta_rule(*xs, starts, h0, 0.7)[0].sum(), [*xs, h0])
+    for name, a, b in zip(NAMES[3:], want, got, strict=True):
+        assert_close(name, a, b, 1e-10)
+
+
+def test_torch_chunk_segments_keep_the_inputs_not_the_intermediates():
+    # What the backward holds on to: the chunk algebra's ~20 tensors per token when the input is one segment,
+    # the inputs and one state per segment when it is several.
+    xs, starts, _ = _inputs(2, 256, 2, 16, 16, torch.float32, "inside", False)
+
+    def kept_bytes(segment_chunks):
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            torch_chunk_gated_delta_rule(*xs, starts, None, 1.0, chunk_size=16, segment_chunks=segment_chunks)
+        return sum(seen.values())
+
+    inputs = sum(x.numel() * x.element_size() for x in xs) + starts.numel()
+    whole, segmented = kept_bytes(16), kept_bytes(4)
+    assert whole > 4 * inputs
+    assert segmented < 1.2 * inputs + 3 * 2 * 2 * 16 * 16 * 4  # the inputs and the states entering segments 2-4
+
+
+def test_torch_chunk_rejects_a_segment_of_no_chunks():
+    xs, starts, _ = _inputs(1, 8, 1, 4, 4, torch.float32, None, False)
+    with pytest.raises(ValueError, match="segment_chunks=0"):
+        torch_chunk_gated_delta_rule(*xs, starts, None, 1.0, chunk_size=4, segment_chunks=0)
+
+
 def test_cpu_dispatch_uses_chunked_form(monkeypatch):
     monkeypatch.setenv("HAM_RL_BACKEND", "auto")
     xs, starts, h0 = _inputs(2, 20, 2, 16, 16, torch.float32, "inside", True)
