@@ -8,7 +8,7 @@ at once. Only the gradient of the state runs chunk by chunk, in reverse, two pro
 
 Autograd through ``naive_chunk.py`` records about 150 small ops per call and replays each backward; this backward
 is about 50 batched ops. The intermediates are some 20 tensors per token (chunk-square blocks among them), so an
-input longer than ``segment_chunks`` chunks is run one segment at a time: the forward keeps only the inputs and
+input longer than twice ``segment_chunks`` chunks is run one segment at a time: the forward keeps only the inputs and
 the state entering each segment, and the backward recomputes a segment's intermediates from its entering state,
 last segment first, handing the gradient of that state to the segment before (as flash-linear-attention's chunked
 kernels recompute rather than store). Tests compare both forms, values and every gradient, with the recurrent
@@ -25,8 +25,9 @@ from ham_rl.kernels.nonfinite import contain_delta_rule, delta_rule_grads, outpu
 
 __all__ = ["torch_chunk_gated_delta_rule", "TorchChunkGatedDeltaRuleFunction", "DEFAULT_SEGMENT_CHUNKS"]
 
-#: Longer inputs are recomputed segment by segment in the backward (16 chunks of 32: episodes up to 512 steps keep
-#: every intermediate, as before; at 4,096 steps the intermediates would be about 90 MiB per PPO minibatch).
+#: Inputs of more than twice this many chunks are run and recomputed in segments of this many (chunks of 32: rows up
+#: to 1,024 steps keep every intermediate, as before, since recomputing costs 1.5x the delta rule's time at 1,024
+#: steps; at 4,096 steps the intermediates would be about 90 MiB per PPO minibatch, docs/performance.md).
 DEFAULT_SEGMENT_CHUNKS = 16
 
 
@@ -35,8 +36,11 @@ def _add(a: Tensor | None, b: Tensor) -> Tensor:
 
 
 def _segments(T: int, chunk_size: int, segment_chunks: int) -> list[tuple[int, int]]:
-    """``[t0, t1)`` spans of ``segment_chunks`` whole chunks covering ``T`` steps (the last one may be shorter)."""
-    step = chunk_size * max(1, int(segment_chunks))
+    """``[t0, t1)`` spans covering ``T`` steps: one, or ``segment_chunks`` whole chunks each (the last may be shorter)
+    when ``T`` is over twice that."""
+    step = chunk_size * segment_chunks
+    if T <= 2 * step:
+        return [(0, T)]
     return [(t0, min(t0 + step, T)) for t0 in range(0, T, step)]
 
 
@@ -210,8 +214,9 @@ def torch_chunk_gated_delta_rule(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``naive_chunk_gated_delta_rule`` (same arguments and returns) with the hand-written backward.
 
-    Sequences longer than ``segment_chunks`` chunks are run a segment at a time and recomputed in the backward
-    from each segment's entering state, so that what is kept for the backward is the inputs, not the intermediates.
+    Sequences longer than twice ``segment_chunks`` chunks are run a segment of ``segment_chunks`` chunks at a time
+    and recomputed in the backward from each segment's entering state, so that what is kept for the backward is the
+    inputs, not the intermediates.
     """
     if int(segment_chunks) < 1:
         raise ValueError(f"segment_chunks={segment_chunks!r}: must be a positive number of chunks")

@@ -125,8 +125,8 @@ def test_torch_chunk_segments_with_unused_outputs_and_gradcheck():
 
 
 def test_torch_chunk_segments_keep_the_inputs_not_the_intermediates():
-    # What the backward holds on to: the chunk algebra's ~20 tensors per token when the input is one segment,
-    # the inputs and one state per segment when it is several.
+    # What the backward holds on to: the chunk algebra's ~20 tensors per token when the input is kept whole,
+    # the inputs and one state per segment when it is run in segments.
     xs, starts, _ = _inputs(2, 256, 2, 16, 16, torch.float32, "inside", False)
 
     def kept_bytes(segment_chunks):
@@ -143,6 +143,7 @@ def test_torch_chunk_segments_keep_the_inputs_not_the_intermediates():
     inputs = sum(x.numel() * x.element_size() for x in xs) + starts.numel()
     whole, segmented = kept_bytes(16), kept_bytes(4)
     assert whole > 4 * inputs
+    assert kept_bytes(8) == whole  # up to twice a segment's chunks (256 = 2 x 8 x 16 steps) is kept whole
     assert segmented < 1.2 * inputs + 3 * 2 * 2 * 16 * 16 * 4  # the inputs and the states entering segments 2-4
 
 
