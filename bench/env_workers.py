@@ -14,11 +14,17 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
+import os
+import sys
 import time
 
 import gymnasium as gym
 import numpy as np
+
+if __package__ in (None, ""):  # `python bench/<name>.py`: bench.side_by_side from the checkout; bench/ stays on the
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # path for the env's module id
+
+from bench.side_by_side import median_table
 
 PIXEL_ENV = "ham_rl_bench/MiniGridMemoryPixels-v0"
 
@@ -68,13 +74,8 @@ def main() -> None:
     for _ in range(args.repeats):
         for w in args.workers:
             runs[w].append(steps_per_s(env_id, args.envs, w, args.steps))
-    base = statistics.median(runs[args.workers[0]])
-    print(f"{env_id}, {args.envs} envs, {args.steps} steps, median of {args.repeats}")
-    print("| env.workers | env steps/s | ratio to the first | repeats |")
-    print("|---:|---:|---:|---|")
-    for w, values in runs.items():
-        med = statistics.median(values)
-        print(f"| {w} | {med:.0f} | {med / base:.2f}x | {', '.join(f'{v:.0f}' for v in values)} |")
+    title = f"{env_id}, {args.envs} envs, {args.steps} steps, median of {args.repeats}"
+    print(median_table(title, "env.workers", "env steps/s", {str(w): v for w, v in runs.items()}, higher_is_faster=True))
 
 
 if __name__ == "__main__":

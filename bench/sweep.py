@@ -10,11 +10,16 @@ Each repeat runs ``python -m ham_rl.train --multirun memory=gru seed=0,1,2,3`` a
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
 import subprocess
 import sys
 import tempfile
 import time
+
+if __package__ in (None, ""):  # `python bench/<name>.py`: bench.side_by_side comes from the checkout
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from bench.side_by_side import median_table
 
 SMALL = ["agent.num_envs=8", "agent.num_steps=32", "memory.hidden_size=32", "progress=false", "tensorboard=false"]
 
@@ -42,13 +47,8 @@ def main() -> None:
         for r in range(args.repeats):
             for name, launcher in settings.items():
                 times[name].append(wall_clock(launcher, args.steps, f"{tmp}/{r}_{len(times[name])}_{name[:6]}"))
-    base = statistics.median(times["sequential"])
-    print(f"4 jobs (gru, seeds 0-3), {args.steps} steps each, median of {args.repeats}")
-    print("| launcher | wall clock s | speed-up over sequential | repeats |")
-    print("|---|---:|---:|---|")
-    for name, values in times.items():
-        med = statistics.median(values)
-        print(f"| {name} | {med:.1f} | {base / med:.2f}x | {', '.join(f'{v:.1f}' for v in values)} |")
+    title = f"4 jobs (gru, seeds 0-3), {args.steps} steps each, median of {args.repeats}"
+    print(median_table(title, "launcher", "wall clock s", times, higher_is_faster=False, digits=1))
 
 
 if __name__ == "__main__":
