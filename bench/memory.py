@@ -1,11 +1,12 @@
 """Step and sequence cost of every memory, as ratios to gru, measured side by side in one run.
 
-    python bench/memory.py [--repeats 7] [--threads 2]
+    python bench/memory.py [--repeats 7] [--threads 2] [--compile]
 
 Step: one batched ``mem.step`` for B = 64 envs, each already 64 steps into its episode (so caches hold
 entries), no grad. Sequence: ``mem(x, state, starts)`` for B = 16, T = 128, forward + backward. Every repeat
 times every memory in turn (interleaved, so drifts of this noisy machine hit all alike); the table shows
-medians over repeats divided by gru's median.
+medians over repeats divided by gru's median. ``--compile`` adds a step row for each memory whose step
+``Memory.compile_step`` compiles (the hybrids; ``agent.compile=true`` in the trainer), compiled before the timing.
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ import time
 import torch
 
 from ham_rl import MEMORIES, make_memory
+from ham_rl.memory.base import Memory
 
 INPUT, HIDDEN = 32, 64
 
 
-def step_timer(name: str, envs: int = 64, warm: int = 64, calls: int = 20):
+def step_timer(name: str, envs: int = 64, warm: int = 64, calls: int = 20, compiled: bool = False):
     """A function that times ``calls`` batched steps and returns seconds per step."""
     mem = make_memory(name, INPUT, HIDDEN)
+    if compiled:
+        mem.compile_step()  # its graphs are built in the warm-up steps below, as the cache grows
     with torch.no_grad():
         state = mem.initial_state(envs)
         no_start = torch.zeros(envs, dtype=torch.bool)
@@ -65,24 +69,30 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--memories", nargs="*", default=list(MEMORIES))
+    parser.add_argument("--compile", action="store_true", help="also time the compiled step of the hybrid memories")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     names = list(dict.fromkeys(["gru", *args.memories]))
     timers = {n: (step_timer(n), sequence_timer(n)) for n in names}
-    times: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in names}
-    for n in names:  # one untimed pass: allocations, lazy init
-        timers[n][0](), timers[n][1]()
+    if args.compile:  # the memories that override compile_step: the others' step stays the library call
+        compiled = [n for n in names if type(make_memory(n, INPUT, HIDDEN)).compile_step is not Memory.compile_step]
+        timers.update({f"{n}, compiled": (step_timer(n, compiled=True), None) for n in compiled})
+    times: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in timers}
+    for step, seq in timers.values():  # one untimed pass: allocations, lazy init
+        step(), seq is not None and seq()
     for _ in range(args.repeats):
-        for n in names:
-            times[n][0].append(timers[n][0]())
-            times[n][1].append(timers[n][1]())
-    med = {n: (statistics.median(s), statistics.median(q)) for n, (s, q) in times.items()}
+        for n, (step, seq) in timers.items():
+            times[n][0].append(step())
+            if seq is not None:
+                times[n][1].append(seq())
+    med = {n: (statistics.median(s), statistics.median(q) if q else None) for n, (s, q) in times.items()}
     print(f"torch {torch.__version__}, {args.threads} threads, medians of {args.repeats} interleaved repeats")
     print("step: B=64, 64 steps into the episode, no grad; sequence: B=16, T=128, forward + backward")
-    print(f"{'memory':<12} {'step / gru':>11} {'sequence / gru':>15}")
-    for n in names:
-        print(f"{n:<12} {med[n][0] / med['gru'][0]:>11.2f} {med[n][1] / med['gru'][1]:>15.2f}")
+    print(f"{'memory':<20} {'step / gru':>11} {'sequence / gru':>15}")
+    for n, (step, seq) in med.items():
+        seq_ratio = "" if seq is None else f"{seq / med['gru'][1]:.2f}"
+        print(f"{n:<20} {step / med['gru'][0]:>11.2f} {seq_ratio:>15}")
 
 
 if __name__ == "__main__":

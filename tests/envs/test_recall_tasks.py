@@ -72,18 +72,19 @@ def test_associative_flags_mark_exactly_the_pair_steps_and_answers_come_from_the
         assert [pairs[k] for k in asked] == b.answers[i, 20:].tolist()
 
 
-@pytest.mark.parametrize("env_id, oracle, chance", [
-    ("cue-random-d50", cue_oracle(4), chance_return("cue", num_cues=4)),
-    ("ar-4", ar_oracle(32, 8), chance_return("associative", num_values=8)),
+@pytest.mark.parametrize("env_id, oracle, chance, informative", [
+    ("cue-random-d50", cue_oracle(4), chance_return("cue", num_cues=4), 1),
+    ("ar-4", ar_oracle(32, 8), chance_return("associative", num_values=8), 4),
+    ("ar-8", ar_oracle(32, 8), chance_return("associative", num_values=8), 8),
 ])  # fmt: skip
-def test_env_flags_oracle_and_chance_level(env_id, oracle, chance):
+def test_env_flags_oracle_and_chance_level(env_id, oracle, chance, informative):
     env = make_env(env_id)
     for seed in range(5):
         ret, infos, _ = rollout(env, seed, oracle)
         assert ret == pytest.approx(1.0)
         assert [i["step"] for i in infos] == list(range(env.unwrapped.episode_len))
         questions = [i["question"] for i in infos]
-        assert sum(i["informative"] for i in infos) == (1 if env_id.startswith("cue") else 4) and any(questions)
+        assert sum(i["informative"] for i in infos) == informative and any(questions)
         assert questions[-1] and not any(i["informative"] and i["question"] for i in infos)
     env.action_space.seed(0)
     returns = [rollout(env, 100 + s, lambda *_: env.action_space.sample())[0] for s in range(300)]
