@@ -285,6 +285,7 @@ PRESETS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "cue-random-d1000": ("ham_rl/CueRecallRandomD1000-v0", "cue", dict(delay=1000, cue_steps=500)),
     "ar-2": ("ham_rl/AssociativeRecall2-v0", "associative", dict(num_pairs=2, context_len=32, num_questions=32)),
     "ar-4": ("ham_rl/AssociativeRecall4-v0", "associative", dict(num_pairs=4, context_len=64, num_questions=32)),
+    "ar-8": ("ham_rl/AssociativeRecall8-v0", "associative", dict(num_pairs=8, context_len=128, num_questions=32)),
     "ar-16": ("ham_rl/AssociativeRecall16-v0", "associative", dict(num_pairs=16, context_len=100, num_questions=4)),
 }
 

@@ -7,7 +7,7 @@ from train_helpers import cfg_of
 from ham_rl.agents import PPOConfig
 from ham_rl.config import CONFIG_DIR, load_run_config, memory_kwargs
 from ham_rl.envs import resolve_env_id
-from ham_rl.memory import memory_options
+from ham_rl.memory import make_memory, memory_options
 
 
 def _saved(tmp_path, memory: dict):
@@ -74,3 +74,25 @@ def test_every_env_preset_composes_to_a_registered_env_and_valid_options(preset)
     name, hidden, options = memory_kwargs(cfg.memory)
     assert set(options) <= set(memory_options(name)), f"{preset} sets memory options ham does not have"
     PPOConfig.from_dict(OmegaConf.to_container(cfg.agent, resolve=True))  # raises naming a bad agent setting
+
+
+def test_a_task_can_set_one_memorys_options_and_the_command_line_still_wins():
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("ham_rl.configs", version_base=None):
+        ham = compose("config", overrides=["env=ar-8", "memory=ham"])  # configs/env_memory/ar-8_ham.yaml
+        assert (ham.memory.gate_bias, ham.memory.target_fraction) == (2, 0.15)
+        assert "gate_bias" not in compose("config", overrides=["env=ar-8", "memory=gdn"]).memory
+        mine = compose("config", overrides=["env=ar-8", "memory=ham", "memory.gate_bias=0"])
+        assert (mine.memory.gate_bias, mine.memory.target_fraction) == (0, 0.15)
+        plain = compose("config", overrides=["env=popgym-repeat", "memory=ham"])  # no file for the pair: ham's own
+        assert (plain.memory.gate_bias, plain.memory.target_fraction) == (0, 0.05)
+
+
+@pytest.mark.parametrize("pair", sorted(p.stem for p in (CONFIG_DIR / "env_memory").glob("*.yaml")))
+def test_every_env_memory_file_names_a_preset_and_a_memory_and_sets_valid_options(pair):
+    env, memory = pair.rsplit("_", 1)
+    assert (CONFIG_DIR / "env" / f"{env}.yaml").exists() and (CONFIG_DIR / "memory" / f"{memory}.yaml").exists()
+    name, _, options = memory_kwargs(cfg_of(f"env={env}", f"memory={memory}").memory)
+    assert set(options) <= set(memory_options(name)), f"{pair} sets options {memory} does not have"
+    make_memory(name, 4, 8, **options)  # raises naming a bad value
