@@ -282,9 +282,9 @@ class HybridMemory(Memory):
         """``qkv [..., 3 * hidden]`` (after the convolution) and the gate logits ``z [..., n * H]`` -> q, k (unit), v
         ``[..., H, d]`` and the per-head gates ``[..., H]``."""
         H, d = self.num_heads, self.head_dim
-        qkv = qkv.unflatten(-1, (3, H, d))  # [..., 3, H, d]
-        q, k = l2norm(qkv[..., :2, :, :]).unbind(-3)  # each [..., H, d], unit vectors; one call for both
-        p = {"q": q, "k": k, "v": qkv[..., 2, :, :]}
+        # one unbind: its backward stacks the three gradients, where slices' would each fill a zero [..., 3, H, d]
+        q, k, v = qkv.unflatten(-1, (3, H, d)).unbind(-3)  # each [..., H, d]
+        p = {"q": l2norm(q), "k": l2norm(k), "v": v}  # unit q and k
         if self.gate_names[0] == "decay":
             p["g"], z = -F.softplus(z[..., :H]), z[..., H:]
         sig = torch.sigmoid(z).unflatten(-1, (-1, H)).unbind(-2)
