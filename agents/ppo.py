@@ -20,7 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ham_rl.agents.context import EpisodeContext
 from ham_rl.agents.policy import RecurrentActorCritic
+from ham_rl.agents.rng_state import numpy_rng_from_plain, numpy_rng_to_plain, python_rng_from_plain, python_rng_to_plain
 from ham_rl.envs import VecEnv
 from ham_rl.memory import MemoryState
 from ham_rl.routing import RoutingTrace, informative_flags
@@ -426,81 +428,3 @@ class PPO:
         random.setstate(python_rng_from_plain(rng["python"]))
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def numpy_rng_to_plain(state: tuple) -> dict:
-    """``np.random.get_state()`` (a tuple holding a uint32 array) as plain data and a tensor."""
-    name, key, pos, has_gauss, gauss = state
-    return {"name": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-            "gauss": float(gauss)}  # fmt: skip
-
-
-def numpy_rng_from_plain(data: dict) -> tuple:
-    """Inverse of :func:`numpy_rng_to_plain`, for ``np.random.set_state``."""
-    return (data["name"], data["key"].numpy().astype(np.uint32), data["pos"], data["has_gauss"], data["gauss"])
-
-
-def python_rng_to_plain(state: tuple) -> list:
-    """``random.getstate()`` as plain lists."""
-    version, internal, gauss_next = state
-    return [version, list(internal), gauss_next]
-
-
-def python_rng_from_plain(data: list) -> tuple:
-    """Inverse of :func:`python_rng_to_plain`, for ``random.setstate``."""
-    version, internal, gauss_next = data
-    return (version, tuple(internal), gauss_next)
-
-
-class EpisodeContext:
-    """The last rollouts' features and start flags, with the memory state at each of their starts.
-
-    A rollout boundary inside an episode would cut the gradient from a later step to an earlier one (a question to
-    its cue) if each row were replayed from the state stored at its rollout start. Instead, a minibatch's rows are
-    replayed from ``W0``, the earliest start of the episodes in progress at the rollout start: every row then has its
-    own episode start at or after ``W0``, so the state at ``W0`` does not matter and a fresh one is used. Where an
-    episode began more than ``context_steps`` (rounded up to whole rollouts) before, ``W0`` is the start of the oldest
-    kept rollout and its stored state is used: truncated BPTT for those episodes only.
-    """
-
-    def __init__(self, context_steps: int, num_steps: int, num_envs: int, feature_dim: int, device: torch.device):
-        self.num_steps, self.device = num_steps, device
-        self.max_rollouts = -(-context_steps // num_steps)  # ceil
-        self.obs = torch.zeros(0, num_envs, feature_dim, device=device)  # [L, B, D], L a multiple of num_steps
-        self.starts = torch.zeros(0, num_envs, dtype=torch.bool, device=device)
-        self.states: deque[MemoryState] = deque(maxlen=max(self.max_rollouts, 1))
-
-    def push(self, obs: np.ndarray, starts: np.ndarray, state0: MemoryState) -> None:
-        """Keep the rollout just trained on (features ``[T, B, D]``, starts ``[T, B]``, its start state)."""
-        if self.max_rollouts == 0:
-            return
-        most = self.max_rollouts * self.num_steps
-        self.obs = torch.cat([self.obs, torch.from_numpy(obs).to(self.device)])[-most:]
-        self.starts = torch.cat([self.starts, torch.from_numpy(starts).to(self.device)])[-most:]
-        self.states.append(state0)  # the deque keeps as many as the rollouts kept
-
-    def rows(self, mb: Tensor, b_obs: Tensor, b_starts: Tensor, state0: MemoryState, agent: RecurrentActorCritic):
-        """``(x [n, C + T, D], state at its first step, starts [n, C + T], C)`` for the env rows ``mb``."""
-        in_progress = torch.where(b_starts[mb, 0], 0, state0.episode_len[mb])  # steps of each row's episode so far
-        kept = len(self.obs)
-        stateless = not state0.rnn and state0.cache is None  # a memory without state (mlp) has nothing to replay
-        context = 0 if stateless else min(int(in_progress.max()), kept)
-        if context == 0:
-            return b_obs[mb], state0[mb], b_starts[mb], 0
-        if int(in_progress.max()) > kept:  # an episode older than what is kept: from the oldest kept start state
-            context, state = kept, self.states[0][mb]
-        else:
-            state = agent.initial_state(len(mb), device=self.device)  # every row's episode starts inside the context
-        x = torch.cat([self.obs[kept - context :, mb].transpose(0, 1), b_obs[mb]], 1)
-        starts = torch.cat([self.starts[kept - context :, mb].transpose(0, 1), b_starts[mb]], 1)
-        return x, state, starts, context
-
-    def state_dict(self) -> dict:
-        """Tensors and plain data, for the checkpoint."""
-        return {"obs": self.obs, "starts": self.starts, "states": [s.state_dict() for s in self.states]}
-
-    def load_state_dict(self, data: dict) -> None:
-        """Restore what :meth:`state_dict` saved."""
-        self.obs, self.starts = data["obs"].to(self.device), data["starts"].to(self.device)
-        self.states.clear()
-        self.states.extend(MemoryState.from_state_dict(s).to(self.device) for s in data["states"])

@@ -157,7 +157,7 @@ def convert_legacy(path: str | os.PathLike, trust: bool = False) -> Path:
     if not trust:
         raise CheckpointError("converting unpickles the file and runs whatever it holds: pass --trust-checkpoint to confirm")
     # only the conversion needs these (the same encoders the trainer's state_dict uses)
-    from ham_rl.agents.ppo import numpy_rng_to_plain, python_rng_to_plain
+    from ham_rl.agents.rng_state import numpy_rng_to_plain, python_rng_to_plain
     from ham_rl.envs import VecEnv
     from ham_rl.envs.env_state import encode_envs
 
