@@ -6,6 +6,7 @@ other envs are skipped with a note. Prints the table it plots.
 
     python bench/return_against.py pairs /tmp/runs/ar2-* /tmp/runs/ar4-* --out docs/results/ar_return_vs_pairs.png
     python bench/return_against.py corridor /tmp/runs/tm* --out docs/results/tmaze_return_vs_length.png
+    python bench/return_against.py pairs RUNS --out PNG --include-unfinished   # runs stopped after reaching 0.9 too
 """
 
 from __future__ import annotations
@@ -46,10 +47,11 @@ def main() -> None:
     p.add_argument("size", choices=sorted(SIZES), help="what the x axis is")
     p.add_argument("runs", nargs="+", type=Path, help="run directories, or folders searched for them")
     p.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    p.add_argument("--include-unfinished", action="store_true", help="also runs without summary.json (stopped early)")
     args = p.parse_args()
     label, size_of = SIZES[args.size]
     by_memory: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for run in find_runs(args.runs):
+    for run in find_runs(args.runs, include_unfinished=args.include_unfinished):
         if run.env not in size_of:
             print(f"skipped {run.path}: {run.env} is not a {args.size} preset")
             continue
