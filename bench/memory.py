@@ -80,7 +80,9 @@ def main() -> None:
         timers.update({f"{n}, compiled": (step_timer(n, compiled=True), None) for n in compiled})
     times: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in timers}
     for step, seq in timers.values():  # one untimed pass: allocations, lazy init
-        step(), seq is not None and seq()
+        step()
+        if seq is not None:
+            seq()
     for _ in range(args.repeats):
         for n, (step, seq) in timers.items():
             times[n][0].append(step())

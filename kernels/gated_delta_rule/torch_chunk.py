@@ -72,9 +72,7 @@ class TorchChunkGatedDeltaRuleFunction(torch.autograd.Function):
                 state = out.state
                 del out  # the segment's intermediates go before the next one is built
             ctx.spans = spans
-            saved = [q, k, v, beta, g] + ([] if starts is None else [starts])
-            ctx.has_starts, ctx.has_entering0 = starts is not None, entering[0] is not None
-            ctx.save_for_backward(*saved, *([entering[0]] if entering[0] is not None else []), *entering[1:])
+            ctx.save_for_backward(q, k, v, beta, g, starts, *entering)  # None (no starts, no initial state) kept as None
             o, v_hat = torch.cat(os, 1), torch.cat(vhats, 1)
         return poison_delta_rule(o.to(dtypes[0]), v_hat.to(dtypes[0]), state, ctx.masks)
 
@@ -87,12 +85,7 @@ class TorchChunkGatedDeltaRuleFunction(torch.autograd.Function):
         if ctx.spans is None:
             grads, dh0 = _chunk_backward(ctx.saved_tensors, T, scale, do, dvhat, dht, want_dh0)
         else:  # recompute each segment from its entering state, last first; its state gradient goes to the one before
-            saved = list(ctx.saved_tensors)
-            q, k, v, beta, g = saved[:5]
-            starts = saved[5] if ctx.has_starts else None
-            entering = saved[5 + ctx.has_starts :]
-            if not ctx.has_entering0:
-                entering = [None] + entering
+            q, k, v, beta, g, starts, *entering = ctx.saved_tensors
             parts, dh0 = [], dht
             for i in reversed(range(len(ctx.spans))):
                 t0, t1 = ctx.spans[i]
