@@ -76,6 +76,8 @@ def test_associative_flags_mark_exactly_the_pair_steps_and_answers_come_from_the
     ("cue-random-d50", cue_oracle(4), chance_return("cue", num_cues=4), 1),
     ("ar-4", ar_oracle(32, 8), chance_return("associative", num_values=8), 4),
     ("ar-8", ar_oracle(32, 8), chance_return("associative", num_values=8), 8),
+    ("ar-16", ar_oracle(32, 8), chance_return("associative", num_values=8), 16),
+    ("ar-16-dense", ar_oracle(32, 8), chance_return("associative", num_values=8), 16),
 ])  # fmt: skip
 def test_env_flags_oracle_and_chance_level(env_id, oracle, chance, informative):
     env = make_env(env_id)
