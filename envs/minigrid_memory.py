@@ -2,10 +2,11 @@
 
 In ``MiniGrid-Memory*`` the agent sees an object in a small room, walks down a corridor and must step next to the
 matching one of two objects at its end (reward ``1 - 0.9 * steps / max_steps``; 0 for the wrong one or running out
-of time). The view is 7×7 cells of (object, colour, state) indices; :class:`OneHotView` turns each index into a
-one-hot, adds the one-hot facing direction and drops the mission string (the same sentence in every episode of these
-tasks), so the observation is a flat binary vector the agent's linear encoder reads without confusing index
-arithmetic with similarity (index 5, a key, is not "between" a door and a ball).
+of time; ``info["is_success"]`` at the episode's end says which). The view is 7×7 cells of (object, colour, state)
+indices; :class:`OneHotView` turns each index into a one-hot, adds the one-hot facing direction and drops the
+mission string (the same sentence in every episode of these tasks), so the observation is a flat binary vector the
+agent's linear encoder reads without confusing index arithmetic with similarity (index 5, a key, is not "between" a
+door and a ball).
 
 ``ham_rl/MiniGrid-MemoryS13Random-v0`` and the others are the minigrid ids with this wrapper; ``minigrid`` is a
 dependency of the ``minigrid`` extra (``pip install "ham_rl[minigrid]"``).
@@ -60,9 +61,12 @@ class OneHotView(gym.ObservationWrapper):
         return super().reset(seed=seed, options=options)
 
     def step(self, action: Any):
-        """One minigrid step, remembered for :meth:`plain_state`."""
+        """One minigrid step, remembered for :meth:`plain_state`; the episode's last step says ``is_success``."""
         self._episode["actions"].append(int(action))
-        return super().step(action)
+        obs, reward, terminated, truncated, info = super().step(action)
+        if terminated or truncated:  # minigrid rewards only the matching object, with 1 - 0.9 * steps / max_steps > 0
+            info = {**info, "is_success": bool(reward > 0)}
+        return obs, reward, terminated, truncated, info
 
     def plain_state(self) -> dict[str, Any]:
         """The episode so far as plain data: the reset's seed or generator state, and the actions since."""

@@ -21,7 +21,8 @@ keeps the episode's first step, or one that keys on the clock, does not solve th
 
 Observation ``[goal up, goal down, corridor, junction, waiting]`` (one-hot; the goal entries only at the cue step).
 Actions: 0 forward, 1 up, 2 down, 3 back (one cell towards the foot). ``info`` says what the observation just returned
-is: ``informative`` (the cue), ``question`` (the junction) and ``step`` (its index in the episode).
+is: ``informative`` (the cue), ``question`` (the junction) and ``step`` (its index in the episode); the episode's last
+step adds ``is_success`` (the goal arm was chosen; Stable-Baselines3's key), the paper's success rate.
 """
 
 from __future__ import annotations
@@ -88,8 +89,8 @@ class TMazeEnv(gym.Env):
         if self._t >= self._wait:  # waiting steps have no effect and no cost
             if self._cell == self.corridor_length:  # at the junction: the choice ends the episode
                 self._t += 1
-                reward = 1.0 if action == (UP if self._goal == 0 else DOWN) else -1.0
-                return np.zeros(5, np.float32), reward, True, False, self._info()
+                success = action == (UP if self._goal == 0 else DOWN)
+                return np.zeros(5, np.float32), 1.0 if success else -1.0, True, False, {**self._info(), "is_success": success}
             if action == FORWARD:
                 self._cell += 1
             else:
@@ -99,9 +100,10 @@ class TMazeEnv(gym.Env):
         self._t += 1
         # out of time: the walk has one step per cell, so an agent that dawdled has no step left to choose an arm
         terminated = self._t > self._wait + self.corridor_length
-        if terminated:
-            reward -= 1.0  # as bad as a wrong arm, so that avoiding the junction never pays
-        return (np.zeros(5, np.float32) if terminated else self._obs()), reward, terminated, False, self._info()
+        if not terminated:
+            return self._obs(), reward, False, False, self._info()
+        # as bad as a wrong arm, so that avoiding the junction never pays
+        return np.zeros(5, np.float32), reward - 1.0, True, False, {**self._info(), "is_success": False}
 
 
 #: alias -> (gymnasium id, kwargs); ``configs/env/<alias>.yaml`` picks one

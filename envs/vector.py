@@ -12,7 +12,8 @@ state) also ends there, and its last observation's features stay readable in ``f
 
 Infos: ``infos[b]`` is the info dict that env b returned with its current observation (the one whose features
 ``reset``/``step`` returned last): after an autoreset, the reset's info. The recall envs put ``informative`` there
-(``ham_rl.routing`` reads it); the info of an episode's last step before an autoreset is not kept.
+(``ham_rl.routing`` reads it). The info of an episode's last step, which the autoreset replaces, is in
+``final_infos[b]`` after the ``step`` that ended it (``is_success`` there: the T-Maze and MiniGrid envs).
 
 Features per env (``[B, feature_dim]`` float32): the encoded observation, then (switchable) the one-hot previous
 action and the previous reward; both are zero at the first step of an episode.
@@ -75,6 +76,8 @@ class VecEnv:
         #: the info dict of each env's current observation (a new list every reset/step; ``{}`` before the first
         #: reset and after a checkpoint restore, which does not save infos)
         self.infos: list[dict] = [{} for _ in range(b)]
+        #: env index -> the info of its episode's last step, for the episodes the last ``step`` ended
+        self.final_infos: dict[int, dict] = {}
 
     # ------------------------------------------------------------------------------------------------------------
     def reset(self) -> tuple[np.ndarray, np.ndarray]:
@@ -85,7 +88,7 @@ class VecEnv:
         infos: list[dict] = [{}] * self.num_envs
         for i, env in enumerate(self.envs):
             self._obs[i], infos[i] = env.reset(seed=self.seed + i)
-        self.infos = infos
+        self.infos, self.final_infos = infos, {}
         self._starts[:] = True
         self._ep_return[:] = 0.0
         self._ep_length[:] = 0
@@ -105,6 +108,7 @@ class VecEnv:
         dones = np.zeros(self.num_envs, dtype=bool)
         self.truncated[:] = False
         final_obs: dict[int, Any] = {}
+        self.final_infos = {}
         infos: list[dict] = [{}] * self.num_envs
         for i, env in enumerate(self.envs):
             obs, r, term, trunc, infos[i] = env.step(act_list[i])
@@ -115,6 +119,7 @@ class VecEnv:
             if term or trunc:
                 dones[i] = True
                 finished.append((i, float(self._ep_return[i]), int(self._ep_length[i])))
+                self.final_infos[i] = infos[i]
                 self._ep_return[i] = 0.0
                 self._ep_length[i] = 0
                 if trunc and not term:

@@ -79,7 +79,7 @@ def _answer(group: _EnvGroup, command: str, arg: Any) -> Any:
     if command == "reset":
         return (*group.reset(), group.infos)
     if command == "step":
-        return (*group.step(arg), group.truncated, group.final_features, group.infos)
+        return (*group.step(arg), group.truncated, group.final_features, group.infos, group.final_infos)
     if command == "state_dict":
         return group.state_dict()
     if command == "load_state_dict":
@@ -151,6 +151,7 @@ class WorkerVecEnv:
         self.truncated = np.zeros(b, dtype=bool)
         self.final_features = np.zeros((b, self.feature_dim), dtype=np.float32)
         self.infos: list[dict] = [{} for _ in range(b)]
+        self.final_infos: dict[int, dict] = {}
 
     # ------------------------------------------------------------------------------------------------------------
     def _gather(self, commands: list | None = None) -> list:
@@ -183,7 +184,7 @@ class WorkerVecEnv:
     def reset(self) -> tuple[np.ndarray, np.ndarray]:
         """Reset every env (env i with ``seed + i``); features ``[B, feature_dim]`` and starts ``[B]`` (all True)."""
         answers = self._all("reset")
-        self.infos = [info for a in answers for info in a[2]]
+        self.infos, self.final_infos = [info for a in answers for info in a[2]], {}
         return np.concatenate([a[0] for a in answers]), np.concatenate([a[1] for a in answers])
 
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, float, int]]]:
@@ -196,6 +197,9 @@ class WorkerVecEnv:
             if a[4].any():
                 self.final_features[first:end] = a[5]
         self.infos = [info for a in answers for info in a[6]]
+        self.final_infos = {
+            first + i: info for (first, _), a in zip(self.bounds, answers, strict=True) for i, info in a[7].items()
+        }
         cat = [np.concatenate([a[j] for a in answers]) for j in range(3)]
         return cat[0], cat[1], cat[2], finished
 

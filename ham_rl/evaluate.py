@@ -22,6 +22,7 @@ import csv
 import math
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -33,9 +34,23 @@ from ham_rl.config import ConfigError, load_run_config, memory_kwargs, resolve_d
 from ham_rl.envs import VecEnv
 from ham_rl.routing import RoutingTrace, informative_flags
 
-__all__ = ["evaluate_policy", "evaluate_run", "main"]
+__all__ = ["Episodes", "evaluate_policy", "evaluate_run", "main"]
 
 EVAL_KEYS = ("memory.threshold", "episodes", "num_envs", "seed", "deterministic", "device", "torch_threads")
+
+
+class Episodes(NamedTuple):
+    """What :func:`evaluate_policy` saw of each episode, in the same order."""
+
+    returns: list[float]
+    #: the env's ``info["is_success"]`` at each episode's end; None where the env does not say
+    successes: list[bool | None]
+
+    def success_rate(self) -> float | None:
+        """The fraction of successful episodes, or None unless every episode said."""
+        if not self.successes or any(s is None for s in self.successes):
+            return None
+        return float(np.mean(self.successes))
 
 
 def evaluate_policy(
@@ -45,15 +60,15 @@ def evaluate_policy(
     deterministic: bool = True,
     device: torch.device | str = "cpu",
     trace: RoutingTrace | None = None,
-) -> list[float]:
-    """Returns of ``episodes`` complete episodes; env i contributes ``episodes // B`` (+1 for the first remainder).
+) -> Episodes:
+    """``episodes`` complete episodes; env i contributes ``episodes // B`` (+1 for the first remainder).
 
     Each env's quota is fixed up front, so short episodes are not over-represented. ``trace``: record the routing
     of the same episodes into it (nothing is recorded for a memory without a cache router).
     """
     b = venv.num_envs
     quota = np.array([episodes // b + (1 if i < episodes % b else 0) for i in range(b)])
-    got: list[list[float]] = [[] for _ in range(b)]
+    got: list[list[tuple[float, bool | None]]] = [[] for _ in range(b)]
     x, start = venv.reset()
     state = agent.initial_state(b, device=device)
     with torch.no_grad():
@@ -71,8 +86,10 @@ def evaluate_policy(
                 trace.add_steps(routed, was_start[None], start[None], informative[None], score, active=active)
             for i, ret, _ in finished:
                 if len(got[i]) < quota[i]:
-                    got[i].append(ret)
-    return [r for rs in got for r in rs]
+                    success = venv.final_infos[i].get("is_success")
+                    got[i].append((ret, None if success is None else bool(success)))
+    seen = [episode for per_env in got for episode in per_env]
+    return Episodes([r for r, _ in seen], [s for _, s in seen])
 
 
 def _parse(argv: list[str]) -> tuple[Path, dict]:
@@ -99,8 +116,9 @@ def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool =
     """Evaluate the last checkpoint of ``run_dir`` at one or several thresholds.
 
     :param options: keys of ``EVAL_KEYS``; ``memory.threshold`` may be a float or a list of floats
-    :return: one dict per threshold: threshold, mean_return, std_return, kv_fraction, episodes, and what the cache
-        kept: cache_recall, cache_precision, step0_cached, cached_per_episode (None where not applicable)
+    :return: one dict per threshold: threshold, mean_return, std_return, kv_fraction, episodes, success_rate (the
+        share of episodes whose last ``info`` said ``is_success``: T-Maze, MiniGrid), and what the cache kept:
+        cache_recall, cache_precision, step0_cached, cached_per_episode (None where not applicable)
     """
     run_dir, opts = Path(run_dir), dict(options or {})
     if not (run_dir / "config.yaml").is_file():
@@ -160,7 +178,8 @@ def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool =
         mem.end_update()  # reset the routing counters
         torch.manual_seed(seed)
         trace = RoutingTrace()
-        returns = evaluate_policy(agent, venv, episodes, deterministic=deterministic, device=device, trace=trace)
+        seen = evaluate_policy(agent, venv, episodes, deterministic=deterministic, device=device, trace=trace)
+        returns = seen.returns
         stats = mem.end_update()
         if tau is not None:
             mem.set_threshold(float(tau))  # undo a target-fraction feedback step
@@ -170,6 +189,7 @@ def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool =
             "std_return": float(np.std(returns)),
             "kv_fraction": stats.get("kv_fraction"),
             "episodes": len(returns),
+            "success_rate": seen.success_rate(),
             **trace.summary(),
         }
         results.append(res)
@@ -184,9 +204,10 @@ def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool =
                 if trace.num_episodes
                 else ""
             )
+            success = "" if res["success_rate"] is None else f", success rate {res['success_rate']:.3f}"
             print(
                 f"{name} {cfg.env.id} threshold={tau_s}: mean return {res['mean_return']:.4f} "
-                f"± {res['std_return']:.4f} (std over {res['episodes']} episodes), kv_fraction {kv}{kept}"
+                f"± {res['std_return']:.4f} (std over {res['episodes']} episodes){success}, kv_fraction {kv}{kept}"
             )
             for path in pictures:
                 print(f"wrote {path}")
@@ -214,7 +235,7 @@ def _write_cache_pictures(trace: RoutingTrace, title: str, paths: list[Path]) ->
 
 def _write_sweep(run_dir: Path, results: list[dict], title: str) -> None:
     cols = ["threshold", "mean_return", "std_return", "kv_fraction", "episodes", "cache_recall", "cache_precision",
-            "step0_cached", "cached_per_episode"]  # fmt: skip
+            "step0_cached", "cached_per_episode", "success_rate"]  # fmt: skip
     with open(run_dir / "sweep.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)

@@ -31,6 +31,17 @@ def test_presets_run_in_the_vector_env():
     assert x.shape == (2, 992) and not dones.any()
 
 
+def test_the_last_info_says_whether_the_matching_object_was_reached():
+    venv = VecEnv("minigrid-memory-s7", 4, seed=0)
+    venv.reset()
+    rng, ended = np.random.default_rng(0), []
+    while len(ended) < 24:  # turning and walking at random reaches one of the two objects about half the time
+        _, _, _, finished = venv.step(rng.integers(3, size=4))
+        ended += [(ret, venv.final_infos[i]["is_success"]) for i, ret, _ in finished]
+    assert all(success == (ret > 0) for ret, success in ended)  # minigrid rewards the matching object only
+    assert 0 < sum(success for _, success in ended) < len(ended)
+
+
 def test_unknown_task_is_one_line():
     with pytest.raises(ValueError, match=r"^`task` must be one of MiniGrid-MemoryS7-v0, .*, got 'MiniGrid-Empty-5x5-v0'$"):
         make_minigrid_memory("MiniGrid-Empty-5x5-v0")

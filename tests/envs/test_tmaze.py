@@ -18,7 +18,10 @@ def play(env, seed, choose):
         obs, r, term, trunc, info = env.step(choose(t, obs, goal))
         ret, t = ret + r, t + 1
         if term or trunc:
+            # success is the goal arm, which is also the only way to a positive return
+            assert info["is_success"] == (ret > 0), (ret, info)
             return ret, t, cue_at, goal
+        assert "is_success" not in info  # only the episode's last step says
 
 
 def walk_and(choice):

@@ -17,12 +17,14 @@ def _plain(infos: list[dict]) -> list[dict]:
 
 
 def _steps(venv, actions: np.ndarray) -> list:
-    """Every output of each step: features, rewards, dones, finished, truncated, final features where cut, infos."""
+    """Every output of each step: features, rewards, dones, finished, truncated, final features where cut, infos,
+    and the last infos of the episodes that ended."""
     out = []
     for a in actions:
         features, rewards, dones, finished = venv.step(a)
         cut = venv.truncated.copy()
-        out.append((features, rewards, dones, finished, cut, venv.final_features[cut].copy(), _plain(venv.infos)))
+        final = {i: _plain([info])[0] for i, info in sorted(venv.final_infos.items())}
+        out.append((features, rewards, dones, finished, cut, venv.final_features[cut].copy(), _plain(venv.infos), final))
     return out
 
 
@@ -41,7 +43,7 @@ def _random_actions(venv, steps: int, seed: int) -> np.ndarray:
     return np.array([[venv.action_space.sample() for _ in range(venv.num_envs)] for _ in range(steps)])
 
 
-@pytest.mark.parametrize("env_id", [CUT, "cue-random-d50"])
+@pytest.mark.parametrize("env_id", [CUT, "cue-random-d50", "tmaze-l50"])
 def test_workers_give_the_in_process_rollout(env_id):
     ref = VecEnv(env_id, 5, seed=7)
     par = WorkerVecEnv(env_id, 5, workers=2, seed=7)
@@ -58,6 +60,9 @@ def test_workers_give_the_in_process_rollout(env_id):
             assert sum(s[4].sum() for s in a) > 10  # ... by truncation too, with the final features compared
         else:
             assert any(info.get("informative") for s in a for info in s[6])
+        assert all(sorted(s[7]) == [i for i, _, _ in s[3]] for s in a)  # a last info for every episode that ended
+        if env_id == "tmaze-l50":
+            assert all("is_success" in info for s in a for info in s[7].values())
         saved_ref, saved_par = ref.state_dict(), par.state_dict()
         assert saved_par.keys() == saved_ref.keys()
         for key in saved_ref:

@@ -3,13 +3,16 @@
 import csv
 import json
 
+import gymnasium as gym
 import pytest
 import torch
 from train_helpers import TINY, cfg_of, cli, params
 
+from ham_rl.agents import RecurrentActorCritic
 from ham_rl.checkpoint import CheckpointError, load_checkpoint
 from ham_rl.config import ConfigError
-from ham_rl.evaluate import evaluate_run
+from ham_rl.envs import VecEnv
+from ham_rl.evaluate import Episodes, evaluate_policy, evaluate_run
 from ham_rl.runlog import METRICS_HEADER
 from ham_rl.train import TrainingStopped, train
 
@@ -56,11 +59,32 @@ def test_run_dir_format(tmp_path):
     evaluate_run(run, {"episodes": 2, "memory.threshold": [0.0, 0.5, "inf"]}, quiet=True)
     rows = list(csv.reader(open(run / "sweep.csv")))
     assert rows[0][:5] == ["threshold", "mean_return", "std_return", "kv_fraction", "episodes"] and len(rows) == 4
-    assert rows[0][5:] == ["cache_recall", "cache_precision", "step0_cached", "cached_per_episode"]
+    assert rows[0][5:] == ["cache_recall", "cache_precision", "step0_cached", "cached_per_episode", "success_rate"]
     assert rows[1][5] == "" and rows[1][7] != ""  # POPGym marks no informative steps: no recall; step 0 is known
+    assert rows[1][9] == "" and res[0]["success_rate"] is None  # nor says what a success is
     assert float(rows[1][3]) >= float(rows[2][3]) >= float(rows[3][3]) == 0.0  # a higher threshold stores fewer tokens
     assert (run / "sweep.png").stat().st_size > 0
     assert float(params(run)["memory.tau"]) == pytest.approx(saved["threshold"])  # evaluate never writes the checkpoint
+
+
+def test_evaluate_counts_the_successes_the_env_reports(tmp_path):
+    # a one-cell T-Maze, so that an untrained, sampling agent reaches the junction and picks the goal arm now and then
+    if "ham_rl_test/TMaze1-v0" not in gym.registry:
+        gym.register("ham_rl_test/TMaze1-v0", entry_point="ham_rl.envs.tmaze:TMazeEnv", kwargs=dict(corridor_length=1))
+    venv = VecEnv("ham_rl_test/TMaze1-v0", 8, seed=0)
+    torch.manual_seed(0)
+    agent = RecurrentActorCritic(venv.feature_dim, venv.action_space, "ham", 16, {"num_heads": 2})
+    seen = evaluate_policy(agent, venv, 200, deterministic=False)
+    # the T-Maze ends each episode with is_success: the goal arm, and only it, gives a positive return
+    assert seen.successes == [r > 0 for r in seen.returns] and 0 < sum(seen.successes) < 200
+    assert seen.success_rate() == pytest.approx(sum(seen.successes) / 200)
+    assert Episodes([1.0], [None]).success_rate() is None  # an env that does not say
+
+    run = tmp_path / "run"
+    train(cfg_of(f"run_dir={run}", "env=tmaze-l50", "total_timesteps=64", "memory.num_heads=2"))
+    res = evaluate_run(run, {"episodes": 8}, quiet=True)[0]
+    assert res["episodes"] == 8 and res["success_rate"] is not None
+    assert res["success_rate"] >= (res["mean_return"] + 1) / 2 - 1e-9  # a return is <= 1 at a success, <= -1 else
 
 
 @pytest.mark.parametrize("memory", ["gru", "ham"])
