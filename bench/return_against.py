@@ -1,5 +1,8 @@
 """Return against a task's size, one line per memory: MMER (mean ± 95% CI over seeds) of finished runs, plotted
-against the number of (key, value) pairs of associative recall or the corridor length of the T-Maze.
+against the number of (key, value) pairs of associative recall or the corridor length of the T-Maze. With
+``--success EPISODES`` the y axis is instead the greedy success rate of each run's last checkpoint over that many
+episodes (``ham_rl.evaluate``; envs that report ``is_success``: the T-Maze), which a long corridor's training return
+understates: one step that is not forward there ends the episode short of the junction.
 
 The size comes from the run's env id through the preset tables (``envs/recall_tasks.py``, ``envs/tmaze.py``); runs of
 other envs are skipped with a note. Prints the table it plots.
@@ -7,6 +10,7 @@ other envs are skipped with a note. Prints the table it plots.
     python bench/return_against.py pairs /tmp/runs/ar2-* /tmp/runs/ar4-* --out docs/results/ar_return_vs_pairs.png
     python bench/return_against.py corridor /tmp/runs/tm* --out docs/results/tmaze_return_vs_length.png
     python bench/return_against.py pairs RUNS --out PNG --include-unfinished   # runs stopped after reaching 0.9 too
+    python bench/return_against.py corridor /tmp/runs/tm* --success 200 --include-unfinished --out tmaze_success.png
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from ham_rl.envs.recall_tasks import PRESETS as RECALL_PRESETS  # noqa: E402
 from ham_rl.envs.tmaze import PRESETS as TMAZE_PRESETS  # noqa: E402
+from ham_rl.evaluate import evaluate_run  # noqa: E402
 from ham_rl.report.plots import memory_colors  # noqa: E402
 from ham_rl.report.runs import find_runs  # noqa: E402
 from ham_rl.report.stats import mean_ci  # noqa: E402
@@ -48,19 +53,31 @@ def main() -> None:
     p.add_argument("runs", nargs="+", type=Path, help="run directories, or folders searched for them")
     p.add_argument("--out", type=Path, required=True, help="the PNG to write")
     p.add_argument("--include-unfinished", action="store_true", help="also runs without summary.json (stopped early)")
+    p.add_argument("--success", type=int, metavar="EPISODES", help="plot the greedy success rate over EPISODES instead")
     args = p.parse_args()
+    if args.success is not None and args.success < 1:
+        p.error(f"--success must be a number of episodes >= 1, got {args.success}")
+    metric = "MMER" if args.success is None else "success"
     label, size_of = SIZES[args.size]
     by_memory: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for run in find_runs(args.runs, include_unfinished=args.include_unfinished):
         if run.env not in size_of:
             print(f"skipped {run.path}: {run.env} is not a {args.size} preset")
             continue
-        by_memory[run.memory][size_of[run.env]].append(run.mmer)
+        if args.success is None:
+            by_memory[run.memory][size_of[run.env]].append(run.mmer)
+            continue
+        success = evaluate_run(run.path, {"episodes": args.success}, quiet=True, pictures=False)[0]["success_rate"]
+        if success is None:
+            print(f"skipped {run.path}: {run.env} does not report is_success")
+            continue
+        print(f"{run.path}: greedy success {success:.3f} over {args.success} episodes")
+        by_memory[run.memory][size_of[run.env]].append(success)
     if not by_memory:
         raise SystemExit(f"no finished run of a {args.size} preset under {', '.join(map(str, args.runs))}")
     colors = memory_colors(list(by_memory))
     fig, ax = plt.subplots(figsize=(7.5, 4))
-    print(f"{'memory':12s} {label:>20s} {'MMER':>8s} {'± 95% CI':>9s} {'seeds':>6s}")
+    print(f"{'memory':12s} {label:>20s} {metric:>8s} {'± 95% CI':>9s} {'seeds':>6s}")
     for memory, points in sorted(by_memory.items()):
         xs = sorted(points)
         stats = [mean_ci(points[x]) for x in xs]
@@ -70,7 +87,7 @@ def main() -> None:
         halves = [0.0 if math.isnan(s[1]) else s[1] for s in stats]
         ax.errorbar(xs, means, yerr=halves, marker="o", capsize=3, label=memory, color=colors[memory])
     ax.set_xlabel(label)
-    ax.set_ylabel("MMER (mean ± 95% CI over seeds)")
+    ax.set_ylabel(f"{'MMER' if args.success is None else 'greedy success rate'} (mean ± 95% CI over seeds)")
     ax.set_xscale("log" if args.size == "corridor" else "linear")
     sizes = sorted({x for points in by_memory.values() for x in points})
     ax.set_xticks(sizes, [str(x) for x in sizes])

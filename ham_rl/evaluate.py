@@ -112,10 +112,11 @@ def _parse(argv: list[str]) -> tuple[Path, dict]:
     return run_dir, flat
 
 
-def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool = False) -> list[dict]:
+def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool = False, pictures: bool = True) -> list[dict]:
     """Evaluate the last checkpoint of ``run_dir`` at one or several thresholds.
 
     :param options: keys of ``EVAL_KEYS``; ``memory.threshold`` may be a float or a list of floats
+    :param pictures: write ``cache.png`` (and a sweep's ``sweep.csv``, ``sweep.png``) into the run dir
     :return: one dict per threshold: threshold, mean_return, std_return, kv_fraction, episodes, success_rate (the
         share of episodes whose last ``info`` said ``is_success``: T-Maze, MiniGrid), and what the cache kept:
         cache_recall, cache_precision, step0_cached, cached_per_episode (None where not applicable)
@@ -195,7 +196,8 @@ def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool =
         results.append(res)
         tau_s = "-" if tau is None else f"{float(tau):g}"
         names = (["cache.png"] if len(results) == 1 else []) + ([f"cache_tau{tau_s}.png"] if len(taus) > 1 else [])
-        pictures = _write_cache_pictures(trace, f"{name} on {cfg.env.id}, threshold {tau_s}", [run_dir / n for n in names])
+        names = names if pictures else []
+        written = _write_cache_pictures(trace, f"{name} on {cfg.env.id}, threshold {tau_s}", [run_dir / n for n in names])
         if not quiet:
             kv = "-" if res["kv_fraction"] is None else f"{res['kv_fraction']:.4f}"
             kept = (
@@ -209,10 +211,10 @@ def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool =
                 f"{name} {cfg.env.id} threshold={tau_s}: mean return {res['mean_return']:.4f} "
                 f"± {res['std_return']:.4f} (std over {res['episodes']} episodes){success}, kv_fraction {kv}{kept}"
             )
-            for path in pictures:
+            for path in written:
                 print(f"wrote {path}")
     venv.close()
-    if len(results) > 1:
+    if len(results) > 1 and pictures:
         _write_sweep(run_dir, results, title=f"{name} on {cfg.env.id}")
         if not quiet:
             print(f"wrote {run_dir / 'sweep.csv'} and {run_dir / 'sweep.png'}")
