@@ -13,7 +13,8 @@ window, hqlt): each result reports ``step0_cached`` (episodes whose first step w
 ``cache_recall`` (informative steps cached) and ``cache_precision`` (cached steps that were informative); None
 elsewhere. ``cache.png`` in the run dir shows the episodes (step across, episode down, cached filled, informative
 outlined) at the first threshold evaluated (the trained one by default); a sweep adds ``cache_tau<tau>.png`` per
-threshold.
+threshold. Where the env ends its episodes with ``info["is_success"]`` (the T-Maze, MiniGrid's memory rooms), each
+result also reports ``success_rate``.
 """
 
 from __future__ import annotations
@@ -196,7 +197,7 @@ def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool =
         results.append(res)
         tau_s = "-" if tau is None else f"{float(tau):g}"
         names = (["cache.png"] if len(results) == 1 else []) + ([f"cache_tau{tau_s}.png"] if len(taus) > 1 else [])
-        names = names if pictures else []
+        names = names if pictures else []  # a caller that wants the numbers only (bench/return_against.py --success)
         written = _write_cache_pictures(trace, f"{name} on {cfg.env.id}, threshold {tau_s}", [run_dir / n for n in names])
         if not quiet:
             kv = "-" if res["kv_fraction"] is None else f"{res['kv_fraction']:.4f}"
