@@ -11,11 +11,17 @@ other envs are skipped with a note. Prints the table it plots.
     python bench/return_against.py corridor /tmp/runs/tm* --out docs/results/tmaze_return_vs_length.png
     python bench/return_against.py pairs RUNS --out PNG --include-unfinished   # runs stopped after reaching 0.9 too
     python bench/return_against.py corridor /tmp/runs/tm* --success 200 --include-unfinished --out tmaze_success.png
+    python bench/return_against.py corridor --points docs/results/tmaze_success_vs_length.csv --success 200 --out ...
+
+``--save-points CSV`` writes each run's value (memory, size, value, run); ``--points CSV`` adds such rows to the
+runs' (or stands for them), so a plot whose runs are gone can be redrawn and extended from the values recorded in
+docs/results.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import os
 import sys
@@ -47,34 +53,58 @@ SIZES = {
 }
 
 
+#: the columns of --points and --save-points
+POINT_FIELDS = ("memory", "size", "value", "run")
+
+
+def read_points(path: Path) -> list[tuple[str, int, float, str]]:
+    """The rows of a --save-points CSV as (memory, size, value, run)."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != POINT_FIELDS:
+            raise SystemExit(f"{path}: the columns must be {','.join(POINT_FIELDS)}, got {reader.fieldnames}")
+        return [(r["memory"], int(r["size"]), float(r["value"]), r["run"]) for r in reader]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("size", choices=sorted(SIZES), help="what the x axis is")
-    p.add_argument("runs", nargs="+", type=Path, help="run directories, or folders searched for them")
+    p.add_argument("runs", nargs="*", type=Path, help="run directories, or folders searched for them")
     p.add_argument("--out", type=Path, required=True, help="the PNG to write")
     p.add_argument("--include-unfinished", action="store_true", help="also runs without summary.json (stopped early)")
     p.add_argument("--success", type=int, metavar="EPISODES", help="plot the greedy success rate over EPISODES instead")
+    p.add_argument("--points", type=Path, metavar="CSV", help="also plot these recorded values (memory,size,value,run)")
+    p.add_argument("--save-points", type=Path, metavar="CSV", help="write every plotted value to this CSV")
     args = p.parse_args()
     if args.success is not None and args.success < 1:
         p.error(f"--success must be a number of episodes >= 1, got {args.success}")
+    if not args.runs and args.points is None:
+        p.error("give run directories, --points CSV, or both")
     metric = "MMER" if args.success is None else "success"
     label, size_of = SIZES[args.size]
-    by_memory: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for run in find_runs(args.runs, include_unfinished=args.include_unfinished):
+    points = read_points(args.points) if args.points is not None else []
+    for run in find_runs(args.runs, include_unfinished=args.include_unfinished) if args.runs else []:
         if run.env not in size_of:
             print(f"skipped {run.path}: {run.env} is not a {args.size} preset")
             continue
         if args.success is None:
-            by_memory[run.memory][size_of[run.env]].append(run.mmer)
+            points.append((run.memory, size_of[run.env], run.mmer, str(run.path)))
             continue
         success = evaluate_run(run.path, {"episodes": args.success}, quiet=True, pictures=False)[0]["success_rate"]
         if success is None:
             print(f"skipped {run.path}: {run.env} does not report is_success")
             continue
         print(f"{run.path}: greedy success {success:.3f} over {args.success} episodes")
-        by_memory[run.memory][size_of[run.env]].append(success)
-    if not by_memory:
+        points.append((run.memory, size_of[run.env], success, str(run.path)))
+    if not points:
         raise SystemExit(f"no finished run of a {args.size} preset under {', '.join(map(str, args.runs))}")
+    if args.save_points is not None:
+        with open(args.save_points, "w", newline="") as f:
+            csv.writer(f).writerows([POINT_FIELDS, *points])
+        print(f"wrote {args.save_points}")
+    by_memory: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for memory, size, value, _ in points:
+        by_memory[memory][size].append(value)
     colors = memory_colors(list(by_memory))
     fig, ax = plt.subplots(figsize=(7.5, 4))
     print(f"{'memory':12s} {label:>20s} {metric:>8s} {'± 95% CI':>9s} {'seeds':>6s}")
