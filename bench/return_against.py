@@ -118,6 +118,8 @@ def main() -> None:
         ax.errorbar(xs, means, yerr=halves, marker="o", capsize=3, label=memory, color=colors[memory])
     ax.set_xlabel(label)
     ax.set_ylabel(f"{'MMER' if args.success is None else 'greedy success rate'} (mean ± 95% CI over seeds)")
+    if args.success is not None:
+        ax.set_ylim(-0.05, 1.05)  # a rate: a CI over a few seeds would otherwise stretch the axis past 0 and 1
     ax.set_xscale("log" if args.size == "corridor" else "linear")
     sizes = sorted({x for points in by_memory.values() for x in points})
     ax.set_xticks(sizes, [str(x) for x in sizes])
