@@ -2,11 +2,12 @@
 
 In ``MiniGrid-Memory*`` the agent sees an object in a small room, walks down a corridor and must step next to the
 matching one of two objects at its end (reward ``1 - 0.9 * steps / max_steps``; 0 for the wrong one or running out
-of time; ``info["is_success"]`` at the episode's end says which). The view is 7×7 cells of (object, colour, state)
-indices; :class:`OneHotView` turns each index into a one-hot, adds the one-hot facing direction and drops the
-mission string (the same sentence in every episode of these tasks), so the observation is a flat binary vector the
-agent's linear encoder reads without confusing index arithmetic with similarity (index 5, a key, is not "between" a
-door and a ball).
+of time; ``info["is_success"]`` at the episode's end says which). The agent starts facing east, away from the object
+it must remember (in MemoryS13Random it is in view at step 0 in about 14% of episodes), so it has to turn round and
+look first. The view is 7×7 cells of (object, colour, state) indices; :class:`OneHotView` turns each index into a
+one-hot, adds the one-hot facing direction and drops the mission string (the same sentence in every episode of these
+tasks), so the observation is a flat binary vector the agent's linear encoder reads without confusing index
+arithmetic with similarity (index 5, a key, is not "between" a door and a ball).
 
 ``ham_rl/MiniGrid-MemoryS13Random-v0`` and the others are the minigrid ids with this wrapper; ``minigrid`` is a
 dependency of the ``minigrid`` extra (``pip install "ham_rl[minigrid]"``).
