@@ -9,7 +9,7 @@ import importlib
 
 import gymnasium as gym
 
-from ham_rl.envs.minigrid_memory import MINIGRID_MEMORY_TASKS  # registers ham_rl/MiniGrid-Memory*
+from ham_rl.envs.minigrid_memory import MINIGRID_MEMORY_TASKS, nav_id  # registers ham_rl/MiniGrid-Memory*
 from ham_rl.envs.recall_tasks import PRESETS as RECALL_PRESETS  # importing it registers the ham_rl/* ids
 from ham_rl.envs.tmaze import PRESETS as TMAZE_PRESETS
 
@@ -48,6 +48,8 @@ ENV_ALIASES: dict[str, str] = {
     **{alias: env_id for alias, (env_id, _) in TMAZE_PRESETS.items()},
     # MiniGrid's memory tasks with a one-hot view (envs/minigrid_memory.py): minigrid-memory-s7, -s13-random, ...
     **{_minigrid_alias(task): f"ham_rl/{task}" for task in MINIGRID_MEMORY_TASKS},
+    # ... and with only the three actions that move the agent: minigrid-memory-s13-random-nav, ...
+    **{_minigrid_alias(task) + "-nav": f"ham_rl/{nav_id(task)}" for task in MINIGRID_MEMORY_TASKS},
 }
 
 

@@ -75,6 +75,9 @@ def validate_root(cfg: DictConfig) -> None:
     workers, num_envs = OmegaConf.select(cfg, "env.workers", default=0), OmegaConf.select(cfg, "agent.num_envs")
     if not _is_int(workers) or not 0 <= workers <= (num_envs if _is_int(num_envs) else workers):
         raise ConfigError(f"env.workers must be an int from 0 (in-process) to agent.num_envs ({num_envs}), got {workers!r}")
+    init_from = cfg.get("init_from")
+    if init_from is not None and (not isinstance(init_from, str) or not init_from):
+        raise ConfigError(f"init_from must be null or a run directory, got {init_from!r}")
     resolve_device(cfg.device)
 
 

@@ -9,8 +9,9 @@ differ from training's), deterministic (argmax actions, default true), device, t
 
 What the cache kept (``ham_rl.routing``), for memories that route steps to a cache (ham, ham-learned, attention,
 window, hqlt): each result reports ``step0_cached`` (episodes whose first step was cached) and
-``cached_per_episode``, and, where the env marks informative steps (``info["informative"]``: the recall envs),
-``cache_recall`` (informative steps cached) and ``cache_precision`` (cached steps that were informative); None
+``cached_per_episode``, and, where the env marks informative steps (``info["informative"]``: the recall envs, the
+T-Maze, MiniGrid's memory rooms), ``cache_recall`` (informative steps cached), ``cache_episode_recall`` (episodes with
+an informative step in which one was cached) and ``cache_precision`` (cached steps that were informative); None
 elsewhere. ``cache.png`` in the run dir shows the episodes (step across, episode down, cached filled, informative
 outlined) at the first threshold evaluated (the trained one by default); a sweep adds ``cache_tau<tau>.png`` per
 threshold. Where the env ends its episodes with ``info["is_success"]`` (the T-Maze, MiniGrid's memory rooms), each
@@ -120,7 +121,8 @@ def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool =
     :param pictures: write ``cache.png`` (and a sweep's ``sweep.csv``, ``sweep.png``) into the run dir
     :return: one dict per threshold: threshold, mean_return, std_return, kv_fraction, episodes, success_rate (the
         share of episodes whose last ``info`` said ``is_success``: T-Maze, MiniGrid), and what the cache kept:
-        cache_recall, cache_precision, step0_cached, cached_per_episode (None where not applicable)
+        cache_recall, cache_episode_recall, cache_precision, step0_cached, cached_per_episode (None where not
+        applicable)
     """
     run_dir, opts = Path(run_dir), dict(options or {})
     if not (run_dir / "config.yaml").is_file():
@@ -202,7 +204,8 @@ def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool =
         if not quiet:
             kv = "-" if res["kv_fraction"] is None else f"{res['kv_fraction']:.4f}"
             kept = (
-                f"; cache recall {_fmt(res['cache_recall'])} precision {_fmt(res['cache_precision'])} "
+                f"; cache recall {_fmt(res['cache_recall'])} (episodes {_fmt(res['cache_episode_recall'])}) "
+                f"precision {_fmt(res['cache_precision'])} "
                 f"step0_cached {_fmt(res['step0_cached'])} cached/episode {_fmt(res['cached_per_episode'], '.2f')}"
                 if trace.num_episodes
                 else ""
@@ -238,7 +241,7 @@ def _write_cache_pictures(trace: RoutingTrace, title: str, paths: list[Path]) ->
 
 def _write_sweep(run_dir: Path, results: list[dict], title: str) -> None:
     cols = ["threshold", "mean_return", "std_return", "kv_fraction", "episodes", "cache_recall", "cache_precision",
-            "step0_cached", "cached_per_episode", "success_rate"]  # fmt: skip
+            "step0_cached", "cached_per_episode", "success_rate", "cache_episode_recall"]  # fmt: skip
     with open(run_dir / "sweep.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)

@@ -3,7 +3,9 @@
 A :class:`RoutingTrace` collects, for each finished episode, which steps the router cached (``Memory.last_routing``),
 their router scores, and which steps were informative (``info["informative"]`` of the recall envs; -1 where the env
 does not say). From them: cache **recall** (informative steps that were cached), **precision** (cached steps that
-were informative), the KV fraction, how often step 0 was cached, and a raster picture of the episodes.
+were informative), **episode recall** (episodes with an informative step whose cache kept at least one: the measure
+where the same information is in view over several steps, as in MiniGrid's memory rooms), the KV fraction, how often
+step 0 was cached, and a raster picture of the episodes.
 It knows nothing of the trainer: ``ham_rl.evaluate`` and ``agents.PPO`` feed it numpy arrays.
 """
 
@@ -115,6 +117,12 @@ class RoutingTrace:
         return _ratio(int((cached & (inf == 1)).sum()), int((inf == 1).sum()))
 
     @property
+    def episode_recall(self) -> float | None:
+        """Episodes with an informative step in which one was cached / episodes with an informative step."""
+        told = [e for e in self.episodes if (e.informative == 1).any()]
+        return _ratio(sum(bool((e.cached & (e.informative == 1)).any()) for e in told), len(told))
+
+    @property
     def precision(self) -> float | None:
         """Cached informative steps / cached steps whose flag is known; None if no informative step or none cached."""
         cached, inf = self._all()
@@ -139,9 +147,11 @@ class RoutingTrace:
         return float(np.mean([e.cached.sum() for e in self.episodes])) if self.episodes else None
 
     def summary(self) -> dict[str, float | None]:
-        """``cache_recall``, ``cache_precision``, ``step0_cached``, ``cached_per_episode`` (None where undefined)."""
+        """``cache_recall``, ``cache_episode_recall``, ``cache_precision``, ``step0_cached``, ``cached_per_episode``
+        (None where undefined)."""
         return {
             "cache_recall": self.recall,
+            "cache_episode_recall": self.episode_recall,
             "cache_precision": self.precision,
             "step0_cached": self.step0_cached,
             "cached_per_episode": self.cached_per_episode,

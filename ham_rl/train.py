@@ -9,8 +9,9 @@
 
 The run directory (format in ham_rl/runlog.py) gets config.yaml, metrics.csv, summary.json, checkpoints/, tb/.
 Every ``cache_figure_every`` updates TensorBoard also gets what the cache kept in that rollout (``ham_rl.routing``):
-the picture ``memory/cache`` and the scalars ``memory/cache_recall``, ``memory/cache_precision`` (recall envs only),
-``memory/step0_cached`` and ``memory/cached_per_episode``.
+the picture ``memory/cache`` and the scalars ``memory/cache_recall``, ``memory/cache_episode_recall``,
+``memory/cache_precision`` (envs that mark informative steps only), ``memory/step0_cached`` and
+``memory/cached_per_episode``.
 """
 
 from __future__ import annotations
@@ -166,6 +167,28 @@ def build(cfg: DictConfig, ppo_cfg: PPOConfig, device: torch.device, rank: int =
     return PPO(agent, venv, ppo_cfg, cfg.total_timesteps, device=device)
 
 
+def _first_line(e: BaseException) -> str:
+    return " ".join(part.strip() for part in str(e).split("\n", 2)[:2])  # torch names the tensor on line 2
+
+
+def _initial_weights(cfg: DictConfig) -> dict:
+    """The agent weights of ``cfg.init_from``'s last checkpoint, checked against this run's memory and spaces.
+
+    :raises ConfigError: not a run dir, or one of another memory or env spaces (one line, nothing written)
+    """
+    source = Path(cfg.init_from)
+    if not (source / "config.yaml").is_file():
+        raise ConfigError(f"init_from={source}: no config.yaml there, not a ham_rl run directory")
+    before = load_run_config(source)
+    if before.memory.name != cfg.memory.name:
+        raise ConfigError(f"init_from={source} trained memory={before.memory.name}, not memory={cfg.memory.name}")
+    try:
+        ckpt = load_checkpoint(source / "checkpoints" / "last.pt")
+    except CheckpointError as e:
+        raise ConfigError(f"init_from={source}: {e}") from e
+    return ckpt["ppo"]["agent"]
+
+
 def _changed_settings(saved: DictConfig, cfg: DictConfig) -> dict[str, tuple]:
     """The settings of ``RESUME_MAY_CHANGE`` that this resume changes: ``{key: (saved, given)}``."""
     keys = sorted(RESUME_MAY_CHANGE - {"resume", "run_dir"})
@@ -306,9 +329,15 @@ def train(cfg: DictConfig) -> dict:
             f"total_timesteps={cfg.total_timesteps} is below the {ckpt['ppo']['global_step']} steps {run_dir} has done"
         )
 
+    init = _initial_weights(cfg) if ckpt is None and cfg.get("init_from") else None
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     ppo = build(cfg, ppo_cfg, device, rank)
+    if init is not None:
+        try:
+            ppo.agent.load_state_dict(init)
+        except RuntimeError as e:
+            raise ConfigError(f"init_from={cfg.init_from} does not fit this run's agent: {_first_line(e)}") from e
     if dp is not None:
         dp.broadcast(ppo.agent)
         ppo.data_parallel = dp

@@ -64,3 +64,52 @@ def test_a_checkpoint_after_an_autoreset_continues_exactly(tmp_path):
         act = rng.integers(7, size=2)
         for out_a, out_b in zip(a.step(act), b.step(act), strict=True):
             np.testing.assert_array_equal(np.asarray(out_a, dtype=object), np.asarray(out_b, dtype=object))
+
+
+def test_nav_variant_has_the_three_moving_actions_with_minigrid_indices():
+    full, nav = make_env("minigrid-memory-s13-random"), make_env("minigrid-memory-s13-random-nav")
+    assert nav.action_space.n == 3 and full.action_space.n == 7
+    full.reset(seed=3)
+    nav.reset(seed=3)
+    for action in [0, 2, 1, 1, 2, 2, 0, 2]:  # left, forward, right, ...: the same moves in both
+        a, b = full.step(action), nav.step(action)
+        np.testing.assert_array_equal(a[0], b[0])
+        assert a[1:4] == b[1:4]
+        assert tuple(full.unwrapped.agent_pos) == tuple(nav.unwrapped.agent_pos)
+    with pytest.raises(ValueError, match=r"^action must be 0 \(left\), 1 \(right\) or 2 \(forward\), got 3$"):
+        nav.step(3)
+
+
+def test_nav_variant_checkpoint_continues_exactly(tmp_path):
+    import torch
+
+    a = VecEnv("minigrid-memory-s7-nav", 2, seed=5)
+    x, _ = a.reset()
+    assert x.shape == (2, 984 + 3 + 1)  # the previous action is one of 3
+    rng = np.random.default_rng(1)
+    episodes = 0
+    while episodes < 2:
+        episodes += len(a.step(rng.integers(3, size=2))[3])
+    torch.save(a.state_dict(), tmp_path / "venv.pt")
+    b = VecEnv("minigrid-memory-s7-nav", 2, seed=99)
+    assert b.load_state_dict(torch.load(tmp_path / "venv.pt", weights_only=True)) == []
+    for _ in range(200):
+        act = rng.integers(3, size=2)
+        for out_a, out_b in zip(a.step(act), b.step(act), strict=True):
+            np.testing.assert_array_equal(np.asarray(out_a, dtype=object), np.asarray(out_b, dtype=object))
+
+
+def test_informative_says_when_the_object_to_remember_is_in_view():
+    env = make_env("minigrid-memory-s13-random")
+    raw = env.unwrapped
+    rng, flags = np.random.default_rng(0), []
+    for episode in range(20):
+        _, info = env.reset(seed=episode)
+        for _ in range(60):  # random turns and steps: the object comes in and out of view
+            cue = (1, raw.height // 2 - 1)
+            flags.append(info["informative"])
+            assert info["informative"] == raw.agent_sees(*cue)  # minigrid's own (slower) check
+            _, _, terminated, truncated, info = env.step(int(rng.integers(3)))
+            if terminated or truncated:
+                break
+    assert 0 < sum(flags) < len(flags)

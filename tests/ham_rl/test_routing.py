@@ -29,8 +29,10 @@ def test_recall_and_precision_count_the_right_steps():
     assert tr.precision == pytest.approx(2 / 4)  # of 4 cached steps
     assert tr.kv_fraction == pytest.approx(4 / 10)
     assert tr.step0_cached == pytest.approx(1 / 2) and tr.cached_per_episode == pytest.approx(2.0)
+    assert tr.episode_recall == 1.0  # each episode kept one of its informative steps
     assert tr.summary() == {
         "cache_recall": tr.recall,
+        "cache_episode_recall": 1.0,
         "cache_precision": tr.precision,
         "step0_cached": 0.5,
         "cached_per_episode": 2.0,
@@ -39,7 +41,7 @@ def test_recall_and_precision_count_the_right_steps():
 
 def test_no_informative_steps_gives_none_and_unknown_flags_do_not_count():
     popgym = trace_of(([1, 0, 1], None), ([0, 0, 1], None))  # the env reports nothing
-    assert popgym.recall is None and popgym.precision is None
+    assert popgym.recall is None and popgym.precision is None and popgym.episode_recall is None
     assert popgym.kv_fraction == pytest.approx(3 / 6) and popgym.step0_cached == 0.5
     none_informative = trace_of(([1, 1], [0, 0]))  # reported, but none informative
     assert none_informative.recall is None and none_informative.precision is None
@@ -55,7 +57,10 @@ def test_nothing_cached_and_only_step0_cached():
     # the pathology: only step 0 of each episode cached while the cue is elsewhere
     step0 = trace_of(([1, 0, 0, 0], [0, 0, 1, 0]), ([1, 0, 0, 0], [0, 1, 0, 0]))
     assert step0.step0_cached == 1.0 and step0.recall == 0.0 and step0.precision == 0.0
-    assert step0.cached_per_episode == 1.0
+    assert step0.cached_per_episode == 1.0 and step0.episode_recall == 0.0
+    # the same cue in view over several steps: one of them cached is enough for the episode
+    seen_twice = trace_of(([0, 1, 0, 0], [0, 1, 1, 0]), ([0, 0, 0, 1], [1, 1, 0, 0]), ([1, 0, 0], [0, 0, 0]))
+    assert seen_twice.episode_recall == pytest.approx(1 / 2) and seen_twice.recall == pytest.approx(1 / 4)
     empty = RoutingTrace()
     assert empty.num_episodes == 0 and all(v is None for v in empty.summary().values()) and empty.kv_fraction is None
 
@@ -151,7 +156,8 @@ def test_a_memory_without_a_router_reports_none_and_draws_nothing(tmp_path):
     train(cfg_of(f"run_dir={run}", "env=cue-random-d50", "memory=gru", "total_timesteps=128", "tensorboard=true",
                  "cache_figure_every=1"))  # fmt: skip
     res = evaluate_run(run, {"episodes": 2}, quiet=True)[0]
-    assert [res[k] for k in ("cache_recall", "cache_precision", "step0_cached", "cached_per_episode")] == [None] * 4
+    keys = ("cache_recall", "cache_episode_recall", "cache_precision", "step0_cached", "cached_per_episode")
+    assert [res[k] for k in keys] == [None] * 5
     assert not (run / "cache.png").exists()
     assert "memory/cache" not in _tb_tags(run)["images"]
 

@@ -59,7 +59,8 @@ def test_run_dir_format(tmp_path):
     evaluate_run(run, {"episodes": 2, "memory.threshold": [0.0, 0.5, "inf"]}, quiet=True)
     rows = list(csv.reader(open(run / "sweep.csv")))
     assert rows[0][:5] == ["threshold", "mean_return", "std_return", "kv_fraction", "episodes"] and len(rows) == 4
-    assert rows[0][5:] == ["cache_recall", "cache_precision", "step0_cached", "cached_per_episode", "success_rate"]
+    assert rows[0][5:] == ["cache_recall", "cache_precision", "step0_cached", "cached_per_episode", "success_rate",
+                           "cache_episode_recall"]  # fmt: skip
     assert rows[1][5] == "" and rows[1][7] != ""  # POPGym marks no informative steps: no recall; step 0 is known
     assert rows[1][9] == "" and res[0]["success_rate"] is None  # nor says what a success is
     assert float(rows[1][3]) >= float(rows[2][3]) >= float(rows[3][3]) == 0.0  # a higher threshold stores fewer tokens
@@ -223,3 +224,27 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resume_finishes_the_run(tmp_path, 
     monkeypatch.setattr(PPO, "iterate", real)
     summary = train(cfg_of(*args[1:], f"resume={run}"))
     assert summary["global_step"] == 320
+
+
+def test_init_from_starts_from_another_runs_weights_and_checks_they_fit(tmp_path):
+    first = tmp_path / "first"
+    train(cfg_of(f"run_dir={first}", "env=cue-random-d50", "memory=ham", "total_timesteps=64"))
+    # a second stage on another task with the same spaces; at a learning rate of 1e-12 its update moves nothing
+    second, fresh = tmp_path / "second", tmp_path / "fresh"
+    stage = ["env=cue-random-d50", "memory=ham", "total_timesteps=64", "agent.learning_rate=1e-12", "seed=3"]
+    train(cfg_of(f"run_dir={second}", f"init_from={first}", *stage))
+    train(cfg_of(f"run_dir={fresh}", *stage))
+    a, b, c = params(first), params(second), params(fresh)
+    weights = [k for k in a if k != "memory.tau"]  # tau moves by the feedback rule whatever the learning rate
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-8) for k in weights)
+    kv = float(list(csv.DictReader(open(second / "metrics.csv")))[0]["kv_fraction"])  # the one feedback step from a's
+    assert float(b["memory.tau"]) == pytest.approx(float(a["memory.tau"]) + 0.1 * (kv - 0.05), abs=1e-6)
+    assert not all(torch.allclose(a[k].float(), c[k].float(), atol=1e-3) for k in weights)
+    with pytest.raises(ConfigError, match=r"^init_from=.*nowhere: no config.yaml there, not a ham_rl run directory$"):
+        train(cfg_of(f"run_dir={tmp_path / 'x'}", f"init_from={tmp_path / 'nowhere'}", *stage))
+    with pytest.raises(ConfigError, match=r"^init_from=.*first trained memory=ham, not memory=gru$"):
+        train(cfg_of(f"run_dir={tmp_path / 'y'}", f"init_from={first}", "memory=gru", "total_timesteps=64"))
+    with pytest.raises(ConfigError, match=r"^init_from=.*first does not fit this run's agent: .*size mismatch"):
+        other_task = ["env=popgym-repeat", "memory=ham", "total_timesteps=64"]  # another observation size
+        train(cfg_of(f"run_dir={tmp_path / 'z'}", f"init_from={first}", *other_task))
+    assert not (tmp_path / "z").exists() and not (tmp_path / "y").exists()  # nothing written
