@@ -52,7 +52,9 @@ def nav_id(task: str) -> str:
 
 
 class NavigationActions(gym.ActionWrapper):
-    """Only MiniGrid's first three actions: ``0`` turn left, ``1`` turn right, ``2`` forward (the same indices)."""
+    """Only MiniGrid's first three actions: ``0`` turn left, ``1`` turn right, ``2`` forward.
+
+    The indices are minigrid's own, so the episode that :class:`OneHotView` replays for a checkpoint is the same."""
 
     def __init__(self, env: gym.Env):
         super().__init__(env)
@@ -63,8 +65,6 @@ class NavigationActions(gym.ActionWrapper):
         if not self.action_space.contains(action):
             raise ValueError(f"action must be 0 (left), 1 (right) or 2 (forward), got {action!r}")
         return int(action)
-
-    # the replaying checkpoint of OneHotView below sees actions by the wrapped env's indices, which are the same here
 
 
 class OneHotView(gym.ObservationWrapper):
@@ -97,7 +97,8 @@ class OneHotView(gym.ObservationWrapper):
         return self.observation(raw), {**info, "informative": self._sees_cue(raw["image"])}
 
     def step(self, action: Any):
-        """One minigrid step, remembered for :meth:`plain_state`; the episode's last step says ``is_success``."""
+        """One minigrid step, remembered for :meth:`plain_state`; its info says ``informative``, and the episode's last
+        step's ``is_success``."""
         self._episode["actions"].append(int(action))
         raw, reward, terminated, truncated, info = self.env.step(action)
         info = {**info, "informative": self._sees_cue(raw["image"])}
