@@ -167,14 +167,16 @@ def build(cfg: DictConfig, ppo_cfg: PPOConfig, device: torch.device, rank: int =
     return PPO(agent, venv, ppo_cfg, cfg.total_timesteps, device=device)
 
 
-def _first_line(e: BaseException) -> str:
-    return " ".join(part.strip() for part in str(e).split("\n", 2)[:2])  # torch names the tensor on line 2
+def _load_error(e: BaseException) -> str:
+    """``load_state_dict``'s error on one line: its heading and the first tensor that does not fit (line 2)."""
+    return " ".join(part.strip() for part in str(e).split("\n", 2)[:2])
 
 
 def _initial_weights(cfg: DictConfig) -> dict:
-    """The agent weights of ``cfg.init_from``'s last checkpoint, checked against this run's memory and spaces.
+    """The agent weights of ``cfg.init_from``'s last checkpoint, checked against this run's memory (the spaces are
+    checked when the weights are loaded into the built agent).
 
-    :raises ConfigError: not a run dir, or one of another memory or env spaces (one line, nothing written)
+    :raises ConfigError: not a run dir, no readable checkpoint, or another memory (one line, nothing written)
     """
     source = Path(cfg.init_from)
     if not (source / "config.yaml").is_file():
@@ -337,7 +339,7 @@ def train(cfg: DictConfig) -> dict:
         try:
             ppo.agent.load_state_dict(init)
         except RuntimeError as e:
-            raise ConfigError(f"init_from={cfg.init_from} does not fit this run's agent: {_first_line(e)}") from e
+            raise ConfigError(f"init_from={cfg.init_from} does not fit this run's agent: {_load_error(e)}") from e
     if dp is not None:
         dp.broadcast(ppo.agent)
         ppo.data_parallel = dp
