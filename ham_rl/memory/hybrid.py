@@ -63,6 +63,10 @@ class HybridMemory(Memory):
     :param gate_bias: initial bias of the attention gate (+gate_bias) and of the RNN gate (-gate_bias) when the
         memory has both paths; > 0 starts the readout on the cache, so attention learns to read its entries before
         the RNN path settles the readout (associative recall, docs/ham.md). 0: both gates start at 0.5
+    :param attn_sink: initial logit of a null entry (value 0) that every query of the cache attention also sees, or
+        None for none. With it an entry that matches the query no better than the sink is read only in part, so
+        the attention's output grows with the match instead of jumping to one entry's value as soon as the cache
+        holds one (docs/ham.md). CPU reference kernels only
     :param time_feature: where the step-in-episode embedding enters: ``False`` (default), ``True`` / ``"input"`` (the
         input: an absolute clock in keys, values, queries and the score, which blocks recall at an unknown step,
         docs/recall.md) or ``"readout"`` (added to the output only, for tasks that need elapsed time)
@@ -88,6 +92,7 @@ class HybridMemory(Memory):
         conv_path: str = "local",
         score: str = "cosine",
         gate_bias: float = 0.0,
+        attn_sink: float | None = None,
     ):
         super().__init__(input_size, hidden_size, time_feature)
         if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0 or hidden_size % num_heads:
@@ -112,6 +117,10 @@ class HybridMemory(Memory):
             raise ValueError(f"`threshold` must be a number (inf allowed), got {threshold!r}")
         if isinstance(gate_bias, bool) or not (isinstance(gate_bias, int | float) and math.isfinite(gate_bias)):
             raise ValueError(f"`gate_bias` must be a finite number, got {gate_bias!r}")
+        if attn_sink is not None and (
+            isinstance(attn_sink, bool) or not (isinstance(attn_sink, int | float) and math.isfinite(attn_sink))
+        ):
+            raise ValueError(f"`attn_sink` must be a finite number or None, got {attn_sink!r}")
         if not (isinstance(threshold_lr, int | float) and 0 < threshold_lr < math.inf):
             raise ValueError(f"`threshold_lr` must be a finite number > 0, got {threshold_lr!r}")
         self.has_cache = use_attention  # gdn (no attention path) keeps no cache
@@ -146,6 +155,7 @@ class HybridMemory(Memory):
         if use_attention:
             # q and k are unit vectors, so a learned per-head temperature lets attention become sharp
             self.attn_log_scale = nn.Parameter(torch.full((H,), math.log(8.0)))
+        self.attn_sink = nn.Parameter(torch.full((H,), float(attn_sink))) if use_attention and attn_sink is not None else None
         if router == "learned":
             self.router_net = nn.Sequential(nn.Linear(input_size, 32), nn.Tanh(), nn.Linear(32, 1))
         self.norm = nn.RMSNorm(hidden_size)
@@ -308,6 +318,8 @@ class HybridMemory(Memory):
         if self.use_attention:
             # The per-head temperature is folded into q, so kernels take a plain float scale and autograd does the rest.
             p["q_attn"] = p["q"] * self.attn_log_scale.exp()[:, None]
+            if self.attn_sink is not None:
+                p["sink"] = self.attn_sink.expand(x.shape[0], -1)  # [B, H]: rows of grouped memories concatenate
         return p, S, history
 
     @staticmethod
@@ -399,7 +411,7 @@ class HybridMemory(Memory):
             # Indexing, not gather: its backward keeps the index only, gather's also keeps the [B, L0 + T] keys
             rows = torch.arange(index.shape[0], device=index.device)[:, None]
             keys, values = keys_all[rows, index], values_all[rows, index]
-            o_kv = cache_attention(p["q_attn"], keys, values, visible, 1.0)
+            o_kv = cache_attention(p["q_attn"], keys, values, visible, 1.0, p.get("sink"))
             cache = self._gather_cache(cache, plan, keys_all, values_all, score, steps)
         return o_rnn, o_kv, S, cache
 
@@ -407,7 +419,7 @@ class HybridMemory(Memory):
     def _paths_key(self) -> tuple:
         """What ``_paths`` reads of the memory, and the shapes and dtype its rows need to be joined."""
         w = self.qkv.weight
-        paths = (self.use_rnn, self.use_attention, self.router, self.score, self.capacity)
+        paths = (self.use_rnn, self.use_attention, self.router, self.score, self.capacity, self.attn_sink is not None)
         return (*paths, self.num_heads, self.head_dim, w.dtype, w.device)
 
     def _groupable(self, memories: Sequence[Memory]) -> bool:
@@ -489,6 +501,7 @@ class HybridMemory(Memory):
             keys, values, scores, times, length,
             start, steps, tau, self.capacity, p.get("router"),
             self.use_rnn, self.use_attention, self.attn_log_scale.exp() if self.use_attention else None, self.score,
+            None if self.attn_sink is None else self.attn_sink.expand(x.shape[0], -1),
         )  # fmt: skip
         o = self._add_local(p, o.to(x.dtype))
         return self._readout(o), rnn, history, length, score, routed

@@ -26,7 +26,12 @@ def masked_softmax(logits: Tensor, mask: Tensor, dim: int) -> Tensor:
 
 
 def masked_cache_attention(
-    q: Tensor, keys: Tensor, values: Tensor, visible: Tensor, scale: float | Tensor | None = None
+    q: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    visible: Tensor,
+    scale: float | Tensor | None = None,
+    sink: Tensor | None = None,
 ) -> Tensor:
     """Softmax attention restricted by a visibility mask.
 
@@ -36,6 +41,9 @@ def masked_cache_attention(
         values: ``[B, S, H, V]`` candidate values.
         visible: ``[B, T, S]`` bool, shared by all heads.
         scale: logit scale, a float or a per-head ``[H]`` tensor; ``K ** -0.5`` if None.
+        sink: ``[B, H]`` logit of an always-visible null entry whose value is 0, or None for none. With it, entries
+            that match the query no better than the sink share their weight with nothing, so a weak match reads
+            little instead of all of one entry's value.
 
     Returns:
         ``o [B, T, H, V]`` in ``q.dtype`` (computed in float32, or float64); rows with nothing visible are 0.
@@ -47,5 +55,9 @@ def masked_cache_attention(
     if isinstance(scale, Tensor):
         scale = scale.to(acc)[:, None, None]  # [H] -> [H, 1, 1], broadcast over [B, H, T, S]
     logits = torch.einsum("bthk,bshk->bhts", q.to(acc), keys.to(acc)) * scale  # [B, H, T, S]
-    weights = masked_softmax(logits, visible[:, None], dim=-1)  # mask [B, 1, T, S]
+    mask = visible[:, None].expand(logits.shape)  # [B, H, T, S], shared by the heads
+    if sink is not None:
+        logits = torch.cat([logits, sink.to(acc)[:, :, None, None].expand(*logits.shape[:3], 1)], -1)
+        mask = torch.cat([mask, mask.new_ones(*mask.shape[:3], 1)], -1)
+    weights = masked_softmax(logits, mask, dim=-1)[..., : keys.shape[1]]
     return poison_attention(torch.einsum("bhts,bshv->bthv", weights, values.to(acc)).to(dtype), masks)

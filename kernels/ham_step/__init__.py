@@ -48,6 +48,7 @@ def ham_step(
     use_attention: bool = True,
     scale: float | Tensor | None = None,
     score_kind: str = "cosine",
+    sink: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One HAM step for B envs; arguments, in-place cache update and returns as ``reference.ham_step``.
 
@@ -59,7 +60,7 @@ def ham_step(
     wants_grad = torch.is_grad_enabled() and any(
         isinstance(t, Tensor) and t.requires_grad for t in (*args, router_score, scale)
     )
-    if not wants_grad and resolve_backend(q) == "triton":
+    if sink is None and not wants_grad and resolve_backend(q) == "triton":
         from ham_rl.kernels.ham_step.fused import fused_ham_step
 
         if router_score is None and use_rnn and score_kind != "cosine":
@@ -70,7 +71,7 @@ def ham_step(
         )  # fmt: skip
     return reference_ham_step(
         *args, threshold, capacity=capacity, router_score=router_score, use_rnn=use_rnn, use_attention=use_attention,
-        scale=scale, score_kind=score_kind,
+        scale=scale, score_kind=score_kind, sink=sink,
     )  # fmt: skip
 
 

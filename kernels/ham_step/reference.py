@@ -105,6 +105,7 @@ def ham_step(
     use_attention: bool = True,
     scale: float | Tensor | None = None,
     score_kind: str = "cosine",
+    sink: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One HAM step for a batch of envs.
 
@@ -123,6 +124,7 @@ def ham_step(
         use_rnn, use_attention: switch either path off (gdn: no attention; attention/window: no RNN).
         scale: attention logit scale, a float or a per-head ``[H]`` tensor; ``K ** -0.5`` if None.
         score_kind: how the surprise is scored, one of ``SCORES`` (``surprise_score``).
+        sink: ``[B, H]`` logit of the attention's null entry (value 0), or None (``masked_cache_attention``).
 
     Returns:
         ``(o [B, H, V], new_rnn_state [B, H, K, V], new_length [B], score [B], routed [B] bool)``; ``o`` is the
@@ -155,7 +157,11 @@ def ham_step(
             scale = scale.to(acc)  # [H], broadcast over [B, L, H]
         # Multiply-and-sum in the cache's own [B, L, H, .] layout: an einsum would copy the whole cache per step.
         logits = (keys.to(acc) * q.to(acc)[:, None]).sum(-1) * scale  # [B, L, H]
-        weights = masked_softmax(logits, valid[..., None], dim=1)
+        mask = valid[..., None].expand(logits.shape)  # [B, L, H]
+        if sink is not None:
+            logits = torch.cat([logits, sink.to(acc)[:, None]], 1)
+            mask = torch.cat([mask, mask.new_ones(B, 1, H)], 1)
+        weights = masked_softmax(logits, mask, dim=1)[:, : keys.shape[1]]
         o_kv = _weighted_values(weights, values.to(acc), valid)
         o = o + gate_attn[..., None].to(acc) * o_kv
     return o, rnn_state, length, score, routed

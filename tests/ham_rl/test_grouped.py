@@ -16,6 +16,7 @@ GROUPED = [
     ("ham", {"conv_size": 3, "input_size": 40}),  # wide input: the convolution runs on the projections, not folded
     ("ham", {"capacity": 3, "threshold": 0.3}),
     ("ham", {"fixed_decay": True}),
+    ("ham", {"attn_sink": 1.0, "threshold": 0.1}),  # each memory's own sink reaches its own rows
     ("ham", {"conv_size": 4}),
     ("ham", {"time_feature": True}),
     ("ham", {"time_feature": "readout"}),
@@ -99,13 +100,17 @@ def test_memories_with_different_input_stages_group():
         assert_states_close(s_grp, s_sep)
 
 
-@pytest.mark.parametrize("case", ["different head counts", "different capacities", "ham and attention", "gru"])
+@pytest.mark.parametrize(
+    "case", ["different head counts", "different capacities", "one with a sink", "ham and attention", "gru"]
+)
 def test_falls_back_to_separate_calls(case):
     torch.manual_seed(0)
     if case == "different head counts":
         memories = [make_memory("ham", IN, D, num_heads=2), make_memory("ham", IN, D, num_heads=4)]
     elif case == "different capacities":
         memories = [make_memory("ham", IN, D, capacity=4), make_memory("ham", IN, D)]
+    elif case == "one with a sink":
+        memories = [make_memory("ham", IN, D, attn_sink=0.0), make_memory("ham", IN, D)]
     elif case == "ham and attention":
         memories = [make_memory("ham", IN, D), make_memory("attention", IN, D)]
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from memory_helpers import random_starts
 
@@ -10,10 +11,11 @@ from ham_rl import make_memory
 B, T, IN, D = 4, 24, 6, 16
 
 
-def test_compiled_step_matches_the_eager_step_as_the_cache_grows_and_tau_moves():
+@pytest.mark.parametrize("options", [{}, {"attn_sink": 1.0}], ids=["default", "sink"])
+def test_compiled_step_matches_the_eager_step_as_the_cache_grows_and_tau_moves(options):
     torch.manual_seed(0)
-    eager = make_memory("ham", IN, D, num_heads=2, threshold=0.5)
-    compiled = make_memory("ham", IN, D, num_heads=2, threshold=0.5)
+    eager = make_memory("ham", IN, D, num_heads=2, threshold=0.5, **options)
+    compiled = make_memory("ham", IN, D, num_heads=2, threshold=0.5, **options)
     compiled.load_state_dict(eager.state_dict())
     compiled.compile_step()
     torch._dynamo.utils.counters.clear()

@@ -28,6 +28,8 @@ def test_bad_capacity(capacity):
     ({"threshold": float("nan")}, r"`threshold` must be a number"),
     ({"gate_bias": float("inf")}, r"`gate_bias` must be a finite number, got inf"),
     ({"gate_bias": True}, r"`gate_bias` must be a finite number, got True"),
+    ({"attn_sink": float("nan")}, r"`attn_sink` must be a finite number or None, got nan"),
+    ({"attn_sink": "high"}, r"`attn_sink` must be a finite number or None, got 'high'"),
 ])  # fmt: skip
 def test_bad_ham_options(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):

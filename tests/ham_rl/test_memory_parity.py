@@ -26,6 +26,8 @@ HAM_VARIANTS = {
     "ham-readout-clock": {"time_feature": "readout"},
     "ham-cosine-score": {"score": "cosine", "threshold": 0.5, "target_fraction": None},  # the spec's router
     "ham-error-score-capacity": {"threshold": 0.1, "capacity": 2},
+    "ham-sink": {"attn_sink": 1.0, "threshold": 0.1},
+    "ham-sink-capacity": {"attn_sink": -0.5, "threshold": 0.1, "capacity": 2},
 }
 
 

@@ -69,3 +69,37 @@ def test_dispatcher_uses_sdpa_on_cpu(monkeypatch):
     got = cache_attention(q, keys, values, visible)
     assert calls, "the CPU path did not call scaled_dot_product_attention"
     assert_close("o", masked_cache_attention(q, keys, values, visible), got, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sdpa_with_a_sink_matches_reference_with_gradients(dtype):
+    gen = torch.Generator().manual_seed(2)
+    B, T, S0, H, K, V = 3, 17, 4, 2, 16, 8
+    q, keys = (torch.randn(B, n, H, K, generator=gen, dtype=dtype).requires_grad_() for n in (T, S0 + T))
+    values = torch.randn(B, S0 + T, H, V, generator=gen, dtype=dtype).requires_grad_()
+    sink = torch.randn(B, H, generator=gen, dtype=dtype).requires_grad_()
+    visible = ham_visible(B, T, S0, 0.3, gen)
+    visible[0, -1] = False
+    do = torch.randn(B, T, H, V, generator=gen, dtype=dtype)
+    results = []
+    for fn in (masked_cache_attention, sdpa_cache_attention):
+        o = fn(q, keys, values, visible, 3.0, sink)
+        results.append([o, *torch.autograd.grad((o * do).sum(), (q, keys, values, sink))])
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    for name, ref, got in zip(("o", "dq", "dkeys", "dvalues", "dsink"), *results, strict=True):
+        assert_close(name, ref, got, tol)
+    assert sink.grad is None and results[1][4].abs().sum() > 0, "the sink must get a gradient"
+
+
+def test_a_sink_takes_the_weight_of_an_entry_that_matches_no_better():
+    """An entry at the sink's logit is read at half weight; with no entry the output is 0; a very low sink is none."""
+    q = torch.tensor([[[[1.0, 0.0]]]])  # [1, 1, 1, 2]
+    keys = torch.tensor([[[[1.0, 0.0]]]])
+    values = torch.tensor([[[[2.0, -4.0]]]])
+    visible = torch.ones(1, 1, 1, dtype=torch.bool)
+    logit = 3.0  # q . k * scale
+    for fn in (masked_cache_attention, sdpa_cache_attention, cache_attention):
+        half = fn(q, keys, values, visible, logit, torch.tensor([[logit]]))
+        assert_close("o", values / 2, half, 1e-6)
+        assert not fn(q, keys, values, ~visible, logit, torch.tensor([[logit]])).any()
+        assert_close("o", values, fn(q, keys, values, visible, logit, torch.tensor([[-1e4]])), 1e-6)
