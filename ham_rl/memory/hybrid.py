@@ -66,7 +66,7 @@ class HybridMemory(Memory):
     :param attn_sink: initial logit of a null entry (value 0) that every query of the cache attention also sees, or
         None for none. With it an entry that matches the query no better than the sink is read only in part, so
         the attention's output grows with the match instead of jumping to one entry's value as soon as the cache
-        holds one (docs/ham.md). CPU reference kernels only
+        holds one (docs/ham.md). The Triton kernels have none: with a sink the PyTorch paths run on a GPU too
     :param time_feature: where the step-in-episode embedding enters: ``False`` (default), ``True`` / ``"input"`` (the
         input: an absolute clock in keys, values, queries and the score, which blocks recall at an unknown step,
         docs/recall.md) or ``"readout"`` (added to the output only, for tasks that need elapsed time)

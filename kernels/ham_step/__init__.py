@@ -53,7 +53,8 @@ def ham_step(
     """One HAM step for B envs; arguments, in-place cache update and returns as ``reference.ham_step``.
 
     Runs the fused Triton kernel (``kernels/ham_step/fused.py``) when ``resolve_backend(q)`` says so and no input
-    needs a gradient (the kernel has no backward; rollouts run under ``torch.no_grad``), the reference otherwise.
+    needs a gradient (the kernel has no backward; rollouts run under ``torch.no_grad``) and no ``sink`` is given (it
+    has no null entry), the reference otherwise.
     The kernel scores by cosine; another ``score_kind`` is computed beside it and passed as the router's score.
     """
     args = (q, k, v, beta, g, gate_rnn, gate_attn, rnn_state, keys, values, scores, times, length, start, episode_step)
