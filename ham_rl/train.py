@@ -172,9 +172,12 @@ def _load_error(e: BaseException) -> str:
     return " ".join(part.strip() for part in str(e).split("\n", 2)[:2])
 
 
-def _initial_weights(cfg: DictConfig) -> dict:
+def _initial_weights(cfg: DictConfig) -> tuple[dict, bool]:
     """The agent weights of ``cfg.init_from``'s last checkpoint, checked against this run's memory (the spaces are
-    checked when the weights are loaded into the built agent).
+    checked when the weights are loaded into the built agent), and whether its threshold tau is carried over.
+
+    tau is carried only where this run's ``memory.threshold`` is the one the source run was configured with: a
+    threshold given for this stage (``memory.threshold=inf``: the cache off) is where this stage's tau starts.
 
     :raises ConfigError: not a run dir, no readable checkpoint, or another memory (one line, nothing written)
     """
@@ -188,7 +191,8 @@ def _initial_weights(cfg: DictConfig) -> dict:
         ckpt = load_checkpoint(source / "checkpoints" / "last.pt")
     except CheckpointError as e:
         raise ConfigError(f"init_from={source}: {e}") from e
-    return ckpt["ppo"]["agent"]
+    carry_tau = OmegaConf.select(before, "memory.threshold") == OmegaConf.select(cfg, "memory.threshold")
+    return ckpt["ppo"]["agent"], carry_tau
 
 
 def _changed_settings(saved: DictConfig, cfg: DictConfig) -> dict[str, tuple]:
@@ -331,11 +335,14 @@ def train(cfg: DictConfig) -> dict:
             f"total_timesteps={cfg.total_timesteps} is below the {ckpt['ppo']['global_step']} steps {run_dir} has done"
         )
 
-    init = _initial_weights(cfg) if ckpt is None and cfg.get("init_from") else None
+    init, carry_tau = _initial_weights(cfg) if ckpt is None and cfg.get("init_from") else (None, True)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     ppo = build(cfg, ppo_cfg, device, rank)
     if init is not None:
+        if not carry_tau:  # this stage's own starting tau, as built from its config
+            own = ppo.agent.state_dict()
+            init = {k: own[k] if k.split(".")[-1] == "tau" and k in own else v for k, v in init.items()}
         try:
             ppo.agent.load_state_dict(init)
         except RuntimeError as e:

@@ -248,3 +248,15 @@ def test_init_from_starts_from_another_runs_weights_and_checks_they_fit(tmp_path
         other_task = ["env=popgym-repeat", "memory=ham", "total_timesteps=64"]  # another observation size
         train(cfg_of(f"run_dir={tmp_path / 'z'}", f"init_from={first}", *other_task))
     assert not (tmp_path / "z").exists() and not (tmp_path / "y").exists()  # nothing written
+
+
+def test_init_from_takes_this_stages_threshold_when_one_is_given(tmp_path):
+    first = tmp_path / "first"
+    train(cfg_of(f"run_dir={first}", "env=cue-random-d50", "memory=ham", "memory.threshold=-1", "total_timesteps=64"))
+    assert float(params(first)["memory.tau"]) < 0  # the first stage cached every step and kept a low tau
+    off = tmp_path / "off"
+    stage = ["env=cue-random-d50", "memory=ham", "total_timesteps=128", "memory.target_fraction=null"]
+    train(cfg_of(f"run_dir={off}", f"init_from={first}", "memory.threshold=inf", *stage))
+    rows = list(csv.DictReader(open(off / "metrics.csv")))
+    assert [float(r["kv_fraction"]) for r in rows] == [0.0, 0.0]  # the cache off, as asked, not the first stage's tau
+    assert float(params(off)["memory.tau"]) == float("inf")
