@@ -15,7 +15,9 @@ an informative step in which one was cached) and ``cache_precision`` (cached ste
 elsewhere. ``cache.png`` in the run dir shows the episodes (step across, episode down, cached filled, informative
 outlined) at the first threshold evaluated (the trained one by default); a sweep adds ``cache_tau<tau>.png`` per
 threshold. Where the env ends its episodes with ``info["is_success"]`` (the T-Maze, MiniGrid's memory rooms), each
-result also reports ``success_rate``.
+result also reports ``success_rate``; where it also marks informative steps, ``informed_rate`` (episodes in which the
+agent was shown one) and the success rate in those episodes and in the rest, which tells a memory that forgot the cue
+from a policy that never looked at it (MiniGrid's S13Random).
 """
 
 from __future__ import annotations
@@ -47,12 +49,29 @@ class Episodes(NamedTuple):
     returns: list[float]
     #: the env's ``info["is_success"]`` at each episode's end; None where the env does not say
     successes: list[bool | None]
+    #: whether the agent was shown an informative step (``info["informative"]``: MiniGrid's cue in view, T-Maze's
+    #: cue) in each episode; None where the env does not say
+    informed: tuple[bool | None, ...] | list[bool | None] = ()
 
     def success_rate(self) -> float | None:
         """The fraction of successful episodes, or None unless every episode said."""
         if not self.successes or any(s is None for s in self.successes):
             return None
         return float(np.mean(self.successes))
+
+    def informed_rate(self) -> float | None:
+        """The fraction of episodes in which an informative step was shown, or None unless every episode said."""
+        if not self.informed or any(i is None for i in self.informed):
+            return None
+        return float(np.mean(self.informed))
+
+    def success_rate_where(self, informed: bool) -> float | None:
+        """The success rate over the episodes that were (or were not) shown an informative step; None where none
+        was, or the env does not say: it separates a memory that forgets from a policy that never looked."""
+        if self.success_rate() is None or self.informed_rate() is None:
+            return None
+        picked = [s for s, i in zip(self.successes, self.informed, strict=True) if i == informed]
+        return float(np.mean(picked)) if picked else None
 
 
 def evaluate_policy(
@@ -70,12 +89,14 @@ def evaluate_policy(
     """
     b = venv.num_envs
     quota = np.array([episodes // b + (1 if i < episodes % b else 0) for i in range(b)])
-    got: list[list[tuple[float, bool | None]]] = [[] for _ in range(b)]
+    got: list[list[tuple[float, bool | None, bool | None]]] = [[] for _ in range(b)]
     x, start = venv.reset()
     state = agent.initial_state(b, device=device)
+    shown = np.zeros(b, np.int8)  # per env, this episode so far: 1 an informative step, 0 none, -1 the env does not say
     with torch.no_grad():
         while any(len(got[i]) < quota[i] for i in range(b)):
-            informative = informative_flags(venv.infos) if trace is not None else None  # of the observation x
+            informative = informative_flags(venv.infos)  # of the observation x
+            shown = np.where(start, informative, np.where(informative == 1, 1, shown))
             action, _, _, state = agent.step(
                 torch.from_numpy(x).to(device), state, torch.from_numpy(start).to(device), deterministic=deterministic
             )
@@ -89,9 +110,10 @@ def evaluate_policy(
             for i, ret, _ in finished:
                 if len(got[i]) < quota[i]:
                     success = venv.final_infos[i].get("is_success")
-                    got[i].append((ret, None if success is None else bool(success)))
+                    informed = None if shown[i] < 0 else bool(shown[i])
+                    got[i].append((ret, None if success is None else bool(success), informed))
     seen = [episode for per_env in got for episode in per_env]
-    return Episodes([r for r, _ in seen], [s for _, s in seen])
+    return Episodes([r for r, _, _ in seen], [s for _, s, _ in seen], [i for _, _, i in seen])
 
 
 def _parse(argv: list[str]) -> tuple[Path, dict]:
@@ -120,7 +142,9 @@ def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool =
     :param options: keys of ``EVAL_KEYS``; ``memory.threshold`` may be a float or a list of floats
     :param pictures: write ``cache.png`` (and a sweep's ``sweep.csv``, ``sweep.png``) into the run dir
     :return: one dict per threshold: threshold, mean_return, std_return, kv_fraction, episodes, success_rate (the
-        share of episodes whose last ``info`` said ``is_success``: T-Maze, MiniGrid), and what the cache kept:
+        share of episodes whose last ``info`` said ``is_success``: T-Maze, MiniGrid), informed_rate (episodes shown an
+        informative step), success_informed and success_uninformed (the success rate in those and in the others),
+        and what the cache kept:
         cache_recall, cache_episode_recall, cache_precision, step0_cached, cached_per_episode (None where not
         applicable)
     """
@@ -194,6 +218,9 @@ def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool =
             "kv_fraction": stats.get("kv_fraction"),
             "episodes": len(returns),
             "success_rate": seen.success_rate(),
+            "informed_rate": seen.informed_rate(),
+            "success_informed": seen.success_rate_where(True),
+            "success_uninformed": seen.success_rate_where(False),
             **trace.summary(),
         }
         results.append(res)
@@ -211,6 +238,11 @@ def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool =
                 else ""
             )
             success = "" if res["success_rate"] is None else f", success rate {res['success_rate']:.3f}"
+            if res["success_rate"] is not None and res["informed_rate"] is not None:
+                success += (
+                    f" (informative step shown in {res['informed_rate']:.3f} of episodes; success "
+                    f"{_fmt(res['success_informed'])} there, {_fmt(res['success_uninformed'])} elsewhere)"
+                )
             print(
                 f"{name} {cfg.env.id} threshold={tau_s}: mean return {res['mean_return']:.4f} "
                 f"± {res['std_return']:.4f} (std over {res['episodes']} episodes){success}, kv_fraction {kv}{kept}"
@@ -241,7 +273,8 @@ def _write_cache_pictures(trace: RoutingTrace, title: str, paths: list[Path]) ->
 
 def _write_sweep(run_dir: Path, results: list[dict], title: str) -> None:
     cols = ["threshold", "mean_return", "std_return", "kv_fraction", "episodes", "cache_recall", "cache_precision",
-            "step0_cached", "cached_per_episode", "success_rate", "cache_episode_recall"]  # fmt: skip
+            "step0_cached", "cached_per_episode", "success_rate", "cache_episode_recall", "informed_rate",
+            "success_informed", "success_uninformed"]  # fmt: skip
     with open(run_dir / "sweep.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)

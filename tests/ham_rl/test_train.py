@@ -4,6 +4,7 @@ import csv
 import json
 
 import gymnasium as gym
+import numpy as np
 import pytest
 import torch
 from train_helpers import TINY, cfg_of, cli, params
@@ -60,7 +61,7 @@ def test_run_dir_format(tmp_path):
     rows = list(csv.reader(open(run / "sweep.csv")))
     assert rows[0][:5] == ["threshold", "mean_return", "std_return", "kv_fraction", "episodes"] and len(rows) == 4
     assert rows[0][5:] == ["cache_recall", "cache_precision", "step0_cached", "cached_per_episode", "success_rate",
-                           "cache_episode_recall"]  # fmt: skip
+                           "cache_episode_recall", "informed_rate", "success_informed", "success_uninformed"]  # fmt: skip
     assert rows[1][5] == "" and rows[1][7] != ""  # POPGym marks no informative steps: no recall; step 0 is known
     assert rows[1][9] == "" and res[0]["success_rate"] is None  # nor says what a success is
     assert float(rows[1][3]) >= float(rows[2][3]) >= float(rows[3][3]) == 0.0  # a higher threshold stores fewer tokens
@@ -80,6 +81,8 @@ def test_evaluate_counts_the_successes_the_env_reports(tmp_path):
     assert seen.successes == [r > 0 for r in seen.returns] and 0 < sum(seen.successes) < 200
     assert seen.success_rate() == pytest.approx(sum(seen.successes) / 200)
     assert Episodes([1.0], [None]).success_rate() is None  # an env that does not say
+    assert seen.informed_rate() == 1.0 and seen.success_rate_where(False) is None  # the cue is every episode's step 0
+    assert seen.success_rate_where(True) == seen.success_rate()
 
     run = tmp_path / "run"
     train(cfg_of(f"run_dir={run}", "env=tmaze-l50", "total_timesteps=64", "memory.num_heads=2"))
@@ -87,6 +90,32 @@ def test_evaluate_counts_the_successes_the_env_reports(tmp_path):
     assert not (run / "cache.png").exists()  # a caller that only wants the numbers leaves the run dir as it was
     assert res["episodes"] == 8 and res["success_rate"] is not None
     assert res["success_rate"] >= (res["mean_return"] + 1) / 2 - 1e-9  # a return is <= 1 at a success, <= -1 else
+
+
+class _PeekEnv(gym.Env):
+    """One step; the cue is shown (``informative``) in the episodes that succeed, whatever the agent does."""
+
+    observation_space = gym.spaces.Box(0.0, 1.0, (1,))
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.shown = bool(self.np_random.integers(2))
+        return np.array([float(self.shown)], np.float32), {"informative": self.shown}
+
+    def step(self, action):
+        return np.zeros(1, np.float32), 0.0, True, False, {"informative": False, "is_success": self.shown}
+
+
+def test_evaluate_splits_the_successes_by_whether_the_cue_was_shown(tmp_path):
+    if "ham_rl_test/Peek-v0" not in gym.registry:
+        gym.register("ham_rl_test/Peek-v0", entry_point=_PeekEnv)
+    venv = VecEnv("ham_rl_test/Peek-v0", 4, seed=0)
+    torch.manual_seed(0)
+    agent = RecurrentActorCritic(venv.feature_dim, venv.action_space, "gru", 8, {})
+    seen = evaluate_policy(agent, venv, 64)  # a memory without a cache router: no trace, and still the split
+    assert seen.informed == seen.successes and 0.2 < seen.informed_rate() < 0.8
+    assert seen.success_rate_where(True) == 1.0 and seen.success_rate_where(False) == 0.0
 
 
 @pytest.mark.parametrize("memory", ["gru", "ham"])
