@@ -194,6 +194,7 @@ def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool =
     taus = list(taus) if isinstance(taus, (list, tuple)) else [taus]
     # inside a list the override grammar leaves inf as a string: [0.1,inf] means the same as a lone inf
     taus = [float(t) if isinstance(t, str) and t.strip().lower() in ("inf", "+inf", "-inf") else t for t in taus]
+    taus = [trained_tau if t is None else t for t in taus]  # null in a sweep ([null,inf]): the trained tau
     if trained_tau is None and any(t is not None for t in taus):
         raise ConfigError(f"memory {name!r} has no threshold (no router); drop memory.threshold")
     for tau in taus:

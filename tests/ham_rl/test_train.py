@@ -67,6 +67,8 @@ def test_run_dir_format(tmp_path):
     assert float(rows[1][3]) >= float(rows[2][3]) >= float(rows[3][3]) == 0.0  # a higher threshold stores fewer tokens
     assert (run / "sweep.png").stat().st_size > 0
     assert float(params(run)["memory.tau"]) == pytest.approx(saved["threshold"])  # evaluate never writes the checkpoint
+    both = evaluate_run(run, {"episodes": 2, "memory.threshold": [None, "inf"]}, quiet=True)  # null: the trained tau
+    assert both[0]["threshold"] == pytest.approx(saved["threshold"]) and both[1]["kv_fraction"] == 0.0
 
 
 def test_evaluate_counts_the_successes_the_env_reports(tmp_path):
