@@ -37,7 +37,8 @@ CONFIG_DIR = Path(str(importlib.resources.files("ham_rl.configs"))).resolve()
 #: (the learning-rate schedule then anneals over the new length from the resumed update on)
 RESUME_MAY_CHANGE = frozenset(
     {"resume", "run_dir", "device", "torch_threads", "progress", "tensorboard", "cache_figure_every", "checkpoint_every",
-     "stop_after_updates", "total_timesteps", "env.workers", "agent.compile"}
+     "stop_after_updates", "early_stop.at_return", "early_stop.after_steps", "total_timesteps", "env.workers",
+     "agent.compile"}
 )  # fmt: skip
 
 
@@ -63,6 +64,12 @@ def validate_root(cfg: DictConfig) -> None:
         raise ConfigError(f"checkpoint_every must be an int >= 1, got {cfg.checkpoint_every!r}")
     if cfg.stop_after_updates is not None and (not _is_int(cfg.stop_after_updates) or cfg.stop_after_updates < 1):
         raise ConfigError(f"stop_after_updates must be null or an int >= 1, got {cfg.stop_after_updates!r}")
+    at_return = OmegaConf.select(cfg, "early_stop.at_return")
+    if at_return is not None and (isinstance(at_return, bool) or not isinstance(at_return, int | float)):
+        raise ConfigError(f"early_stop.at_return must be null or a number (a training return), got {at_return!r}")
+    after = OmegaConf.select(cfg, "early_stop.after_steps", default=0)
+    if not _is_int(after) or after < 0:
+        raise ConfigError(f"early_stop.after_steps must be an int >= 0 (env steps), got {after!r}")
     every = cfg.get("cache_figure_every", CACHE_FIGURE_EVERY)
     if not _is_int(every) or every < 0:
         raise ConfigError(f"cache_figure_every must be an int >= 0 (0 = no cache pictures), got {every!r}")

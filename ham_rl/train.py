@@ -45,6 +45,7 @@ from ham_rl.config import (
     resolve_device,
     validate_root,
 )
+from ham_rl.early_stop import EarlyStop
 from ham_rl.envs import make_vec_env, resolve_env_id
 from ham_rl.routing import RoutingTrace
 from ham_rl.runlog import MetricsCSV, summarise, write_json_atomic
@@ -403,6 +404,11 @@ def train(cfg: DictConfig) -> dict:
         save_checkpoint({**data, "num_params": num_params}, ckpt_path)
         saved.update(update=ppo.update, step=ppo.global_step)  # only once the file is whole
 
+    early = EarlyStop(
+        OmegaConf.select(cfg, "early_stop.at_return"),
+        OmegaConf.select(cfg, "early_stop.after_steps", default=0),
+        MetricsCSV.read(run_dir / "metrics.csv") if metrics is not None else (),
+    )
     t0 = time.perf_counter()
     start_step, updates_here = ppo.global_step, 0
     cost = _Cost()
@@ -444,8 +450,13 @@ def train(cfg: DictConfig) -> dict:
             pbar.update(ppo_cfg.batch_size)
             pbar.set_postfix(ret=_fmt(stats["rollout/ep_rew_mean"]), sps=f"{fps:.0f}", refresh=False)
             stop = cfg.stop_after_updates is not None and updates_here >= cfg.stop_after_updates
-            if ppo.update % cfg.checkpoint_every == 0 or ppo.update == ppo.num_updates or stop:
+            learned = early.observe(ppo.global_step, row["ep_rew_mean"]) if rank == 0 else False
+            if dp is not None:
+                learned = dp.share(learned)  # rank 0's returns decide, so that every rank leaves the loop together
+            if ppo.update % cfg.checkpoint_every == 0 or ppo.update == ppo.num_updates or stop or learned:
                 checkpoint(time.perf_counter())
+            if learned:
+                break
             if stop and ppo.update < ppo.num_updates:
                 pbar.close()
                 if rank == 0:
@@ -479,6 +490,7 @@ def train(cfg: DictConfig) -> dict:
         threshold=ppo.agent.memory.threshold,
     )
     summary["world_size"] = world_size
+    summary["early_stop"] = early.summary()
     summary["cost"] = cost.summary()
     write_json_atomic(summary, run_dir / "summary.json")
     if cfg.progress:

@@ -44,6 +44,7 @@ def test_run_dir_format(tmp_path):
         "threshold",
         "world_size",
         "cost",
+        "early_stop",
     }
     cost = saved["cost"]
     assert set(cost) == {"rollout_s_mean", "update_s_mean", "kv_len_max", "peak_rss_mb"}
@@ -152,6 +153,8 @@ def test_resume_continues_exactly(tmp_path, memory):
         (["device=tpu"], "device"),
         (["memory.threshold=[0.1,0.2]"], "sweep is for ham_rl.evaluate"),
         (["cache_figure_every=-1"], r"cache_figure_every must be an int >= 0 \(0 = no cache pictures\), got -1"),
+        (["early_stop.at_return=high"], r"early_stop.at_return must be null or a number \(a training return\), got 'high'"),
+        (["early_stop.after_steps=-5"], r"early_stop.after_steps must be an int >= 0 \(env steps\), got -5"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, overrides, match):
