@@ -16,7 +16,7 @@ import textwrap
 import pytest
 
 APPLICATIONS = ("ham_rl.train", "ham_rl.evaluate", "ham_rl.report", "ham_rl.sb3", "ham_rl.checkpoint", "ham_rl.config",
-                "ham_rl.runlog", "ham_rl.distributed")  # fmt: skip
+                "ham_rl.runlog", "ham_rl.distributed", "ham_rl.early_stop")  # fmt: skip
 LAYERS = {  # layer: (its packages, what it must not import)
     "kernels": (("ham_rl.kernels",), ("ham_rl.memory", "ham_rl.agents", "ham_rl.envs", *APPLICATIONS)),
     # routing: what a memory's cache kept, read by the PPO rollout and the applications (numpy and matplotlib only)
