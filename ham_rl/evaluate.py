@@ -7,6 +7,14 @@
 Other keys: num_envs (parallel eval envs), seed (eval env seed; default: the run's seed + 1000, so the episodes
 differ from training's), deterministic (argmax actions, default true), device, torch_threads.
 
+Which cached steps the answer is read from: ``drop=informative`` removes each informative step's entry from the cache
+right after its step (the step itself still reads it), ``drop=uninformative`` removes every other entry, so the
+cache holds the informative steps only. A policy that answers from its cache's cue falls to a guess under the first
+and keeps its success under the second; one that answers from step 0 or from the RNN path does not. Needs an
+unbounded cache (ham, ham-learned, attention at ``capacity`` 0) and an env that marks informative steps.
+
+    python -m ham_rl.evaluate <run dir> drop=informative episodes=200
+
 What the cache kept (``ham_rl.routing``), for memories that route steps to a cache (ham, ham-learned, attention,
 window, hqlt): each result reports ``step0_cached`` (episodes whose first step was cached) and
 ``cached_per_episode``, and, where the env marks informative steps (``info["informative"]``: the recall envs, the
@@ -40,7 +48,8 @@ from ham_rl.routing import RoutingTrace, informative_flags
 
 __all__ = ["Episodes", "evaluate_policy", "evaluate_run", "main"]
 
-EVAL_KEYS = ("memory.threshold", "episodes", "num_envs", "seed", "deterministic", "device", "torch_threads")
+EVAL_KEYS = ("memory.threshold", "episodes", "num_envs", "seed", "deterministic", "device", "torch_threads", "drop")
+DROPS = ("informative", "uninformative")  # which cache entries ``drop=`` removes
 
 
 class Episodes(NamedTuple):
@@ -81,11 +90,13 @@ def evaluate_policy(
     deterministic: bool = True,
     device: torch.device | str = "cpu",
     trace: RoutingTrace | None = None,
+    drop: str | None = None,
 ) -> Episodes:
     """``episodes`` complete episodes; env i contributes ``episodes // B`` (+1 for the first remainder).
 
     Each env's quota is fixed up front, so short episodes are not over-represented. ``trace``: record the routing
-    of the same episodes into it (nothing is recorded for a memory without a cache router).
+    of the same episodes into it (nothing is recorded for a memory without a cache router); with ``drop`` (one of
+    ``DROPS``) the entries it removed are not recorded as cached.
     """
     b = venv.num_envs
     quota = np.array([episodes // b + (1 if i < episodes % b else 0) for i in range(b)])
@@ -101,6 +112,8 @@ def evaluate_policy(
                 torch.from_numpy(x).to(device), state, torch.from_numpy(start).to(device), deterministic=deterministic
             )
             routing = agent.memory.last_routing
+            if drop is not None:
+                routing = _drop_entries(state, routing, informative, drop)
             was_start = start
             x, _, start, finished = venv.step(agent.action_head.to_env(action))
             if trace is not None and routing is not None:
@@ -114,6 +127,18 @@ def evaluate_policy(
                     got[i].append((ret, None if success is None else bool(success), informed))
     seen = [episode for per_env in got for episode in per_env]
     return Episodes([r for r, _, _ in seen], [s for _, s, _ in seen], [i for _, _, i in seen])
+
+
+def _drop_entries(state, routing: tuple[torch.Tensor, torch.Tensor], informative: np.ndarray, drop: str):
+    """Undo this step's cache write where ``drop`` says: an unbounded cache appends at its length, so one less forgets
+    it (the slot is written over by the next append). Returns the routing with the dropped writes unset."""
+    if (informative < 0).any():
+        raise ConfigError("drop= needs an env that marks informative steps (info['informative']); this one does not")
+    score, routed = routing
+    flags = torch.from_numpy(informative == 1).to(routed.device)
+    undo = routed & (flags if drop == "informative" else ~flags)
+    state.cache.length = state.cache.length - undo.long()
+    return score, routed & ~undo
 
 
 def _parse(argv: list[str]) -> tuple[Path, dict]:
@@ -197,6 +222,11 @@ def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool =
     taus = [trained_tau if t is None else t for t in taus]  # null in a sweep ([null,inf]): the trained tau
     if trained_tau is None and any(t is not None for t in taus):
         raise ConfigError(f"memory {name!r} has no threshold (no router); drop memory.threshold")
+    drop = opts.get("drop")
+    if drop is not None and drop not in DROPS:
+        raise ConfigError(f"drop must be one of {', '.join(DROPS)}, got {drop!r}")
+    if drop is not None and (not getattr(mem, "use_attention", False) or getattr(mem, "capacity", 0)):
+        raise ConfigError(f"drop= needs a memory with an unbounded KV cache (ham, ham-learned, attention), not {name!r}")
     for tau in taus:
         if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or math.isnan(tau)):
             raise ConfigError(f"memory.threshold must be a number (inf allowed) or a list of numbers, got {tau!r}")
@@ -207,7 +237,7 @@ def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool =
         mem.end_update()  # reset the routing counters
         torch.manual_seed(seed)
         trace = RoutingTrace()
-        seen = evaluate_policy(agent, venv, episodes, deterministic=deterministic, device=device, trace=trace)
+        seen = evaluate_policy(agent, venv, episodes, deterministic=deterministic, device=device, trace=trace, drop=drop)
         returns = seen.returns
         stats = mem.end_update()
         if tau is not None:
@@ -216,7 +246,9 @@ def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool =
             "threshold": None if tau is None else float(tau),
             "mean_return": float(np.mean(returns)),
             "std_return": float(np.std(returns)),
-            "kv_fraction": stats.get("kv_fraction"),
+            # dropped entries were written, then removed: what the cache held is the trace's
+            "kv_fraction": stats.get("kv_fraction") if drop is None else trace.kv_fraction,
+            "drop": drop,
             "episodes": len(returns),
             "success_rate": seen.success_rate(),
             "informed_rate": seen.informed_rate(),
@@ -238,6 +270,7 @@ def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool =
                 if trace.num_episodes
                 else ""
             )
+            dropped = "" if drop is None else f" drop={drop}"
             success = "" if res["success_rate"] is None else f", success rate {res['success_rate']:.3f}"
             if res["success_rate"] is not None and res["informed_rate"] is not None:
                 success += (
@@ -245,7 +278,7 @@ def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool =
                     f"{_fmt(res['success_informed'])} there, {_fmt(res['success_uninformed'])} elsewhere)"
                 )
             print(
-                f"{name} {cfg.env.id} threshold={tau_s}: mean return {res['mean_return']:.4f} "
+                f"{name} {cfg.env.id} threshold={tau_s}{dropped}: mean return {res['mean_return']:.4f} "
                 f"± {res['std_return']:.4f} (std over {res['episodes']} episodes){success}, kv_fraction {kv}{kept}"
             )
             for path in written:
