@@ -259,6 +259,7 @@ def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool =
         results.append(res)
         tau_s = "-" if tau is None else f"{float(tau):g}"
         names = (["cache.png"] if len(results) == 1 else []) + ([f"cache_tau{tau_s}.png"] if len(taus) > 1 else [])
+        names = [n.replace("cache", f"cache_drop-{drop}", 1) for n in names] if drop else names  # keep cache.png
         names = names if pictures else []  # a caller that wants the numbers only (bench/return_against.py --success)
         written = _write_cache_pictures(trace, f"{name} on {cfg.env.id}, threshold {tau_s}", [run_dir / n for n in names])
         if not quiet:

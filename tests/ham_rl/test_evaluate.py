@@ -60,6 +60,8 @@ def test_drop_on_a_trained_run_removes_what_it_says(tmp_path):
     assert no_cue["cached_per_episode"] == 51.0 and no_cue["cache_recall"] == 0.0 and no_cue["cache_precision"] == 0.0
     assert cue_only["cached_per_episode"] == 1.0 and cue_only["cache_recall"] == 1.0 and cue_only["cache_precision"] == 1.0
     assert cue_only["kv_fraction"] == pytest.approx(1 / 52) and cue_only["drop"] == "uninformative"
+    evaluate_run(run, {"episodes": 2, "drop": "uninformative"}, quiet=True)
+    assert (run / "cache_drop-uninformative.png").stat().st_size > 0 and not (run / "cache.png").exists()
 
 
 def test_drop_errors_name_the_bad_value(tmp_path):
