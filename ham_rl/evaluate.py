@@ -15,6 +15,10 @@ unbounded cache (ham, ham-learned, attention at ``capacity`` 0) and an env that 
 
     python -m ham_rl.evaluate <run dir> drop=informative episodes=200
 
+Every result is also appended to ``<run dir>/evaluations.jsonl`` (one JSON object per line: the numbers below, the
+options, the checkpoint's step and the trained threshold); ``python -m ham_rl.report`` turns them into a table per env
+of what each run's answer is read from (the trained threshold, the cache off, each drop).
+
 What the cache kept (``ham_rl.routing``), for memories that route steps to a cache (ham, ham-learned, attention,
 window, hqlt): each result reports ``step0_cached`` (episodes whose first step was cached) and
 ``cached_per_episode``, and, where the env marks informative steps (``info["informative"]``: the recall envs, the
@@ -31,8 +35,11 @@ from a policy that never looked at it (MiniGrid's S13Random).
 from __future__ import annotations
 
 import csv
+import json
 import math
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -46,10 +53,12 @@ from ham_rl.config import ConfigError, load_run_config, memory_kwargs, resolve_d
 from ham_rl.envs import VecEnv
 from ham_rl.routing import RoutingTrace, informative_flags
 
-__all__ = ["Episodes", "evaluate_policy", "evaluate_run", "main"]
+__all__ = ["EVALUATIONS", "Episodes", "evaluate_policy", "evaluate_run", "main"]
 
 EVAL_KEYS = ("memory.threshold", "episodes", "num_envs", "seed", "deterministic", "device", "torch_threads", "drop")
 DROPS = ("informative", "uninformative")  # which cache entries ``drop=`` removes
+#: file in the run dir to which every evaluation appends one JSON object per result (``ham_rl.report`` tabulates them)
+EVALUATIONS = "evaluations.jsonl"
 
 
 class Episodes(NamedTuple):
@@ -161,11 +170,15 @@ def _parse(argv: list[str]) -> tuple[Path, dict]:
     return run_dir, flat
 
 
-def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool = False, pictures: bool = True) -> list[dict]:
+def evaluate_run(
+    run_dir: str | Path, options: dict | None = None, quiet: bool = False, pictures: bool = True, record: bool = True
+) -> list[dict]:
     """Evaluate the last checkpoint of ``run_dir`` at one or several thresholds.
 
     :param options: keys of ``EVAL_KEYS``; ``memory.threshold`` may be a float or a list of floats
     :param pictures: write ``cache.png`` (and a sweep's ``sweep.csv``, ``sweep.png``) into the run dir
+    :param record: append each result to ``<run_dir>/evaluations.jsonl`` with the checkpoint's step, the trained
+        threshold and the evaluation's seed (what ``python -m ham_rl.report`` reads)
     :return: one dict per threshold: threshold, mean_return, std_return, kv_fraction, episodes, success_rate (the
         share of episodes whose last ``info`` said ``is_success``: T-Maze, MiniGrid), informed_rate (episodes shown an
         informative step), success_informed and success_uninformed (the success rate in those and in the others),
@@ -285,11 +298,35 @@ def evaluate_run(run_dir: str | Path, options: dict | None = None, quiet: bool =
             for path in written:
                 print(f"wrote {path}")
     venv.close()
+    if record:
+        context = {"checkpoint_step": int(ckpt["ppo"]["global_step"]), "trained_threshold": trained_tau, "eval_seed": seed}
+        _append_records(run_dir / EVALUATIONS, [{**context, "deterministic": deterministic, **r} for r in results])
     if len(results) > 1 and pictures:
         _write_sweep(run_dir, results, title=f"{name} on {cfg.env.id}")
         if not quiet:
             print(f"wrote {run_dir / 'sweep.csv'} and {run_dir / 'sweep.png'}")
     return results
+
+
+def _json_number(value: object) -> object:
+    """JSON has no infinity or NaN: a threshold of +-inf is written as the string "inf" / "-inf", a NaN as null."""
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _append_records(path: Path, records: list[dict]) -> None:
+    """Add one JSON line per record to ``path``, replacing the file whole so that no line is ever half-written."""
+    old = path.read_text() if path.is_file() else ""
+    new = "".join(json.dumps({k: _json_number(v) for k, v in r.items()}, allow_nan=False) + "\n" for r in records)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(old + new)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _fmt(v: float | None, spec: str = ".3f") -> str:

@@ -1,7 +1,8 @@
 """Command line: ``python -m ham_rl.report <run dirs...> [--out DIR]``.
 
 Finds runs (recursively, Hydra multirun folders included), writes per env ``<env>.md`` and ``<env>.csv`` (one row per
-memory), ``<env>_curves.png`` and ``<env>_kv.png``, and one ``steps_per_s.png``; then prints what it wrote.
+memory), ``<env>_curves.png`` and ``<env>_kv.png``, ``<env>_evaluations.md`` where runs were evaluated
+(``ham_rl.evaluate``'s ``evaluations.jsonl``: one row per run), and one ``steps_per_s.png``; then prints what it wrote.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from .evaluations import evaluation_rows, write_evaluations
 from .plots import BANDS, memory_colors, plot_kv_tradeoff, plot_learning_curves, plot_steps_per_s
 from .runs import ReportError, find_runs
 from .tables import REACH, MemoryRow, env_filename, group_runs, summarize, write_csv, write_markdown
@@ -47,9 +49,11 @@ def write_report(
     """Write the report for the runs under `paths` into `out`; returns the table rows by env and the files by env."""
     runs = find_runs(paths, include_unfinished=include_unfinished)
     table = summarize(runs, reach)
+    groups = group_runs(runs)
+    # read before anything is written: a bad evaluations.jsonl stops the report with nothing half-written
+    evaluated = {env: evaluation_rows(run for group in groups[env].values() for run in group) for env in table}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    groups = group_runs(runs)
     colors = memory_colors([r.memory for r in runs])
     written: dict[str, list[Path]] = {}
     for env, rows in table.items():
@@ -60,6 +64,9 @@ def write_report(
         plot_learning_curves(env, groups[env], files[2], colors, band=band)
         if plot_kv_tradeoff(env, groups[env], rows, out / f"{stem}_kv.png", colors):
             files.append(out / f"{stem}_kv.png")
+        if evaluated[env]:
+            write_evaluations(env, evaluated[env], out / f"{stem}_evaluations.md")
+            files.append(out / f"{stem}_evaluations.md")
         written[env] = files
     plot_steps_per_s(table, out / "steps_per_s.png")
     written[""] = [out / "steps_per_s.png"]

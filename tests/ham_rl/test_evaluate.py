@@ -1,6 +1,7 @@
 """ham_rl.evaluate's ``drop=``: the cache holds exactly the entries it keeps, the memory reads only those, and what a
 user can get wrong is one line."""
 
+import json
 import math
 
 import numpy as np
@@ -9,8 +10,9 @@ import torch
 from train_helpers import cfg_of
 
 from ham_rl.config import ConfigError
-from ham_rl.evaluate import _drop_entries, evaluate_run
+from ham_rl.evaluate import EVALUATIONS, _drop_entries, evaluate_run
 from ham_rl.memory import make_memory
+from ham_rl.report.evaluations import EVALUATIONS as REPORT_EVALUATIONS
 from ham_rl.train import train
 
 FLAGS = np.array([[0, 1, 0, 0, 1, 0], [1, 0, 0, 0, 0, 0]], np.int8)  # [B, T]: informative steps of two envs
@@ -62,6 +64,16 @@ def test_drop_on_a_trained_run_removes_what_it_says(tmp_path):
     assert cue_only["kv_fraction"] == pytest.approx(1 / 52) and cue_only["drop"] == "uninformative"
     evaluate_run(run, {"episodes": 2, "drop": "uninformative"}, quiet=True)
     assert (run / "cache_drop-uninformative.png").stat().st_size > 0 and not (run / "cache.png").exists()
+    # every evaluation appended its result, with what the report needs to tell the kinds apart
+    records = [json.loads(line) for line in (run / EVALUATIONS).read_text().splitlines()]
+    assert [r["drop"] for r in records] == [None, "informative", "uninformative", "uninformative"]
+    assert [r["mean_return"] for r in records[:3]] == [both["mean_return"], no_cue["mean_return"], cue_only["mean_return"]]
+    assert [r["threshold"] for r in records[:3]] == ["-inf"] * 3 and records[-1]["episodes"] == 2
+    assert records[-1]["threshold"] == records[-1]["trained_threshold"]  # no threshold given: the trained one
+    summary = json.loads((run / "summary.json").read_text())
+    assert all(r["checkpoint_step"] == summary["global_step"] for r in records)
+    assert all(r["trained_threshold"] == pytest.approx(summary["threshold"]) for r in records)
+    assert REPORT_EVALUATIONS == EVALUATIONS
 
 
 def test_drop_errors_name_the_bad_value(tmp_path):

@@ -272,3 +272,51 @@ def test_report_skips_dead_and_unreadable_runs_and_reports_the_rest(tmp_path: Pa
     assert any(str(dead) in m and "no episode has ended" in m for m in lines)
     rows = read_table(tmp_path / "out" / f"{ENV_A}.csv")
     assert [r.memory for r in rows] == ["ham"] and rows[0].n_seeds == 1
+
+
+def _evaluation(step: int, threshold, drop: str | None, ret: float, trained=0.25, **extra) -> str:
+    record = {"checkpoint_step": step, "trained_threshold": trained, "threshold": threshold, "drop": drop,
+              "mean_return": ret, "success_rate": None, "episodes": 8, "kv_fraction": 0.1, "cached_per_episode": 4.0,
+              "cache_recall": 0.9, "step0_cached": 0.5, **extra}  # fmt: skip
+    return json.dumps(record) + "\n"
+
+
+def test_evaluations_table_has_each_runs_latest_record_of_each_kind(tmp_path: Path) -> None:
+    ham = make_run(tmp_path / "runs" / "ham", ENV_A, "ham", 0, [0.1, 0.9])
+    (ham / "evaluations.jsonl").write_text(
+        _evaluation(100, 0.25, None, 0.11)  # an older checkpoint: ignored
+        + _evaluation(200, 0.25, None, 0.50)  # overwritten by the later record of its kind
+        + _evaluation(200, 0.25, None, 0.95)
+        + _evaluation(200, "inf", None, 0.12)
+        + _evaluation(200, 0.6, None, 0.70)  # a sweep's other threshold: sweep.csv's business
+        + _evaluation(200, 0.25, "informative", 0.13)
+    )
+    att = make_run(tmp_path / "runs" / "att", ENV_A, "attention", 0, [0.1, 0.8])
+    (att / "evaluations.jsonl").write_text(
+        _evaluation(200, None, None, 0.90, trained=None, success_rate=1.0)
+        + _evaluation(200, None, "uninformative", 0.85, trained=None, success_rate=0.5)
+    )
+    make_run(tmp_path / "runs" / "gru", ENV_A, "gru", 0, [0.1, 0.3])  # never evaluated: no row
+    main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    md = (tmp_path / "out" / f"{ENV_A.replace('/', '_')}_evaluations.md").read_text()
+    assert "| ham | 0 | 200 | 8 | 0.950 | 0.120 | 0.130 | — | 0.100 | 4.0 | 0.900 | 0.500 |" in md
+    assert "| attention | 0 | 200 | 8 | 1.000 | — | — | 0.500 |" in md  # success rate where the env reports one
+    assert "| gru |" not in md and md.index("| ham |") < md.index("| attention |")
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json\n", "evaluations.jsonl line 2: not valid JSON"),
+        ('{"mean_return": 1.0}\n', "evaluations.jsonl line 2: expected a JSON object with checkpoint_step, threshold"),
+        ("[1, 2]\n", "evaluations.jsonl line 2: expected a JSON object with checkpoint_step"),
+    ],
+)
+def test_a_bad_evaluations_file_is_one_line_and_nothing_is_written(tmp_path: Path, line: str, message: str) -> None:
+    run = make_run(tmp_path / "runs" / "ham", ENV_A, "ham", 0, [0.1, 0.9])
+    (run / "evaluations.jsonl").write_text(_evaluation(200, 0.25, None, 0.9) + line)
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    text = str(exc.value.code)
+    assert text.startswith("ham_rl.report: error: ") and message in text and "\n" not in text
+    assert not (tmp_path / "out").exists()
