@@ -2,8 +2,8 @@
 
 On CUDA: the Triton path against the PyTorch reference and against full (dense causal) attention, for episode
 lengths 128..4096 (training: chunked delta rule + block-sparse cache attention, forward + backward) and 64..4096
-envs (rollout step), printed as ratios of medians over repeats. On CPU the Triton part needs a GPU; it runs the
-chunked-vs-naive comparison of the gated delta rule's CPU path instead.
+envs (rollout step), printed as ratios of medians over repeats. On CPU the Triton part needs a GPU; it times the
+gated delta rule's CPU forms instead (the time loop, both chunked forms and the native kernel, the default).
 
     python bench/kernels.py [--repeats 5]
 """
@@ -50,16 +50,42 @@ def fwd_bwd(fn, *args):
 
 
 def cpu_section(repeats: int) -> None:
+    from ham_rl.kernels.gated_delta_rule.cpu_recurrent import cpu_recurrent_gated_delta_rule
     from ham_rl.kernels.gated_delta_rule.naive_chunk import naive_chunk_gated_delta_rule
     from ham_rl.kernels.gated_delta_rule.reference import naive_recurrent_gated_delta_rule
+    from ham_rl.kernels.gated_delta_rule.torch_chunk import torch_chunk_gated_delta_rule
 
-    print("CPU: the Triton kernels need a GPU (CUDA); timing the CPU path of gated_delta_rule instead.")
-    print(f"{'B':>4} {'T':>6} {'H':>3} {'D':>4} | {'naive fwd+bwd ms':>17} {'chunked ms':>11} {'ratio':>6}")
-    for B, T, H, D in ((16, 128, 4, 32), (8, 512, 4, 16)):
+    print("CPU: the Triton kernels need a GPU (CUDA); timing the CPU forms of gated_delta_rule instead.")
+    print("Forward + backward, loss on every output; ms are medians, ratios are against the native kernel, and the")
+    print("forms are timed in turn, repeat after repeat, so machine load hits all alike.")
+    forms = {
+        "loop": naive_recurrent_gated_delta_rule,
+        "naive_chunk": naive_chunk_gated_delta_rule,
+        "torch_chunk": torch_chunk_gated_delta_rule,
+        "native": cpu_recurrent_gated_delta_rule,
+    }
+    print(
+        f"{'B':>4} {'T':>6} {'H':>3} {'D':>4} | "
+        + " ".join(f"{n + ' ms':>15}" for n in forms)
+        + " | "
+        + " ".join(f"{n + '/native':>18}" for n in list(forms)[:-1])
+    )
+    # (8, 202, 4, 16): one PPO minibatch of the d200 preset, actor and critic rows together
+    for B, T, H, D in ((8, 202, 4, 16), (16, 128, 4, 32), (8, 512, 4, 16)):
         x = delta_rule_inputs(B, T, H, D, "cpu")
-        t_naive = median_time(fwd_bwd(naive_recurrent_gated_delta_rule, *x), repeats)
-        t_chunk = median_time(fwd_bwd(naive_chunk_gated_delta_rule, *x), repeats)
-        print(f"{B:>4} {T:>6} {H:>3} {D:>4} | {t_naive * 1e3:17.1f} {t_chunk * 1e3:11.1f} {t_naive / t_chunk:5.1f}x")
+        runs = {n: fwd_bwd(fn, *x) for n, fn in forms.items()}
+        for run in runs.values():
+            run()  # warm-up (the native kernel builds on its first call)
+        times = {n: [] for n in forms}
+        for _ in range(repeats):
+            for n, run in runs.items():
+                t0 = time.perf_counter()
+                run()
+                times[n].append(time.perf_counter() - t0)
+        med = {n: statistics.median(t) for n, t in times.items()}
+        row = " ".join(f"{med[n] * 1e3:15.2f}" for n in forms)
+        ratios = " ".join(f"{med[n] / med['native']:17.1f}x" for n in list(forms)[:-1])
+        print(f"{B:>4} {T:>6} {H:>3} {D:>4} | {row} | {ratios}")
 
 
 def cuda_section(repeats: int) -> None:

@@ -8,9 +8,11 @@ from torch import Tensor
 
 from ham_rl.kernels.backend import resolve_backend
 from ham_rl.kernels.gated_delta_rule.reference import accumulation_dtype
+from ham_rl.kernels.ham_step import cpu_step
 from ham_rl.kernels.ham_step.cache_plan import CachePlan, plan_cache, seen_candidates
 from ham_rl.kernels.ham_step.reference import SCORES, choose_slot, surprise_score
 from ham_rl.kernels.ham_step.reference import ham_step as reference_ham_step
+from ham_rl.kernels.native import use_native
 from ham_rl.kernels.nonfinite import zero_rows
 
 __all__ = [
@@ -54,7 +56,8 @@ def ham_step(
 
     Runs the fused Triton kernel (``kernels/ham_step/fused.py``) when ``resolve_backend(q)`` says so and no input
     needs a gradient (the kernel has no backward; rollouts run under ``torch.no_grad``) and no ``sink`` is given (it
-    has no null entry), the reference otherwise.
+    has no null entry). On CPU tensors without a gradient it runs the native step (``cpu_step.py``: float32, built on
+    first use, ``HAM_RL_CPU_KERNEL=torch`` turns it off, ``kernels/native.py``); the reference otherwise.
     The kernel scores by cosine; another ``score_kind`` is computed beside it and passed as the router's score.
     """
     args = (q, k, v, beta, g, gate_rnn, gate_attn, rnn_state, keys, values, scores, times, length, start, episode_step)
@@ -69,6 +72,11 @@ def ham_step(
         return fused_ham_step(
             *args, threshold, capacity=capacity, router_score=router_score, use_rnn=use_rnn,
             use_attention=use_attention, scale=scale,
+        )  # fmt: skip
+    if not wants_grad and use_native(cpu_step.SOURCE, q) and cpu_step.supports(q, keys, values, scores, times, rnn_state):
+        return cpu_step.cpu_ham_step(
+            *args, threshold, capacity=capacity, router_score=router_score, use_rnn=use_rnn,
+            use_attention=use_attention, scale=scale, score_kind=score_kind, sink=sink,
         )  # fmt: skip
     return reference_ham_step(
         *args, threshold, capacity=capacity, router_score=router_score, use_rnn=use_rnn, use_attention=use_attention,

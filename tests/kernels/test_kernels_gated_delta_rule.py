@@ -1,4 +1,5 @@
-"""Chunked gated delta rule (PyTorch CPU path and Triton kernels) against the naive recurrent reference."""
+"""The gated delta rule's fast forms (the native CPU kernel, the chunked PyTorch form, the Triton kernels) against the
+naive recurrent reference."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import torch
 import torch.nn.functional as F
 from kernel_testing import assert_close, needs_interpreter
 
+from ham_rl.kernels import native
+from ham_rl.kernels.gated_delta_rule import cpu_recurrent as cpu_recurrent_module
 from ham_rl.kernels.gated_delta_rule import gated_delta_rule
+from ham_rl.kernels.gated_delta_rule import torch_chunk as torch_chunk_module
+from ham_rl.kernels.gated_delta_rule.cpu_recurrent import cpu_recurrent_gated_delta_rule, load_native
 from ham_rl.kernels.gated_delta_rule.naive_chunk import naive_chunk_gated_delta_rule
 from ham_rl.kernels.gated_delta_rule.reference import naive_recurrent_gated_delta_rule
 from ham_rl.kernels.gated_delta_rule.torch_chunk import torch_chunk_gated_delta_rule
@@ -153,13 +158,145 @@ def test_torch_chunk_rejects_a_segment_of_no_chunks():
         torch_chunk_gated_delta_rule(*xs, starts, None, 1.0, chunk_size=4, segment_chunks=0)
 
 
-def test_cpu_dispatch_uses_chunked_form(monkeypatch):
+def _count_calls(monkeypatch, function_class) -> list:
+    calls = []
+    original = function_class.apply
+    monkeypatch.setattr(function_class, "apply", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "choice, runs",
+    [
+        ("native", cpu_recurrent_module.CpuRecurrentGatedDeltaRuleFunction),
+        ("torch", torch_chunk_module.TorchChunkGatedDeltaRuleFunction),
+    ],
+)
+def test_cpu_dispatch_runs_the_chosen_kernel(monkeypatch, choice, runs):
     monkeypatch.setenv("HAM_RL_BACKEND", "auto")
+    monkeypatch.setenv("HAM_RL_CPU_KERNEL", choice)
+    calls = _count_calls(monkeypatch, runs)
     xs, starts, h0 = _inputs(2, 20, 2, 16, 16, torch.float32, "inside", True)
     ref = _run(naive_recurrent_gated_delta_rule, xs, starts, h0, 1.0)
     got = _run(gated_delta_rule, xs, starts, h0, 1.0)
+    assert calls == [1], f"HAM_RL_CPU_KERNEL={choice} did not run {runs.__name__}"
     for name, a, b in zip(NAMES, ref, got, strict=False):
         assert_close(name, a, b, 1e-5)
+
+
+@pytest.mark.parametrize("V, dtype", [(12, torch.float32), (16, torch.float64)])
+def test_cpu_dispatch_runs_the_chunked_form_where_the_native_kernel_has_no_vector_path(monkeypatch, V, dtype):
+    monkeypatch.setenv("HAM_RL_CPU_KERNEL", "native")
+    calls = _count_calls(monkeypatch, torch_chunk_module.TorchChunkGatedDeltaRuleFunction)
+    xs, starts, h0 = _inputs(1, 12, 1, 8, V, dtype, "inside", False)
+    gated_delta_rule(*xs, starts, h0)
+    assert calls == [1]
+
+
+def test_cpu_dispatch_rejects_an_unknown_kernel(monkeypatch):
+    monkeypatch.setenv("HAM_RL_CPU_KERNEL", "fortran")
+    xs, starts, h0 = _inputs(1, 4, 1, 4, 4, torch.float32, None, False)
+    with pytest.raises(ValueError, match="HAM_RL_CPU_KERNEL='fortran'.*allowed: native, torch"):
+        gated_delta_rule(*xs, starts, h0)
+
+
+def test_cpu_dispatch_falls_back_to_the_chunked_form_where_the_native_kernel_cannot_build(monkeypatch):
+    monkeypatch.setenv("HAM_RL_CPU_KERNEL", "native")
+    source = cpu_recurrent_module.SOURCE
+    monkeypatch.setattr(native, "_built", {})
+    monkeypatch.setattr(native, "_errors", {source: "could not build the native CPU kernel cpu_recurrent.cpp (no compiler)"})
+    monkeypatch.setattr(native, "_warned", set())
+    calls = _count_calls(monkeypatch, torch_chunk_module.TorchChunkGatedDeltaRuleFunction)
+    xs, starts, h0 = _inputs(1, 12, 1, 8, 16, torch.float32, "inside", True)
+    with pytest.warns(UserWarning, match="no compiler.*running the PyTorch form"):
+        got = _run(gated_delta_rule, xs, starts, h0, 1.0)
+    assert calls == [1]
+    ref = _run(naive_recurrent_gated_delta_rule, xs, starts, h0, 1.0)
+    for name, a, b in zip(NAMES, ref, got, strict=False):
+        assert_close(name, a, b, 1e-5)
+    with pytest.raises(RuntimeError, match="no compiler"):
+        cpu_recurrent_gated_delta_rule(*xs, starts, h0)
+
+
+# -- the native CPU kernel ------------------------------------------------------------------------------------
+#: float32 with values 16, 32 or 64 wide runs the vector path; other widths and float64 the scalar one. Blocks of 4 or
+#: 5 steps put block boundaries on, before and after episode starts.
+NATIVE_CASES = [
+    pytest.param(2, 1, 2, 16, 16, "first", True, 4, id="B2-T1-H2-D16-start-vec"),
+    pytest.param(2, 70, 2, 24, 16, "inside", True, 5, id="B2-T70-H2-K24-V16-starts-inside-h0-vec"),
+    pytest.param(3, 33, 2, 16, 16, None, True, 4, id="B3-T33-H2-D16-no-starts-h0-vec"),
+    pytest.param(1, 45, 3, 32, 32, None, False, 16, id="B1-T45-H3-D32-no-starts-vec2"),
+    pytest.param(2, 30, 1, 8, 64, "inside", True, 4, id="B2-T30-H1-K8-V64-starts-h0-vec4"),
+    pytest.param(2, 64, 1, 8, 12, "inside", True, 5, id="B2-T64-H1-K8-V12-starts-h0-scalar"),
+]
+
+
+@pytest.mark.parametrize("B, T, H, K, V, starts_mode, with_h0, block", NATIVE_CASES)
+def test_cpu_recurrent_matches_recurrent(B, T, H, K, V, starts_mode, with_h0, block):
+    xs, starts, h0 = _inputs(B, T, H, K, V, torch.float32, starts_mode, with_h0)
+    ref = _run(naive_recurrent_gated_delta_rule, xs, starts, h0, 0.7)
+    got = _run(lambda *a: cpu_recurrent_gated_delta_rule(*a, block=block), xs, starts, h0, 0.7)
+    for name, a, b in zip(NAMES, ref, got, strict=False):
+        assert_close(name, a, b, 1e-5)
+
+
+@pytest.mark.parametrize("block", [1, 3, 16])
+def test_cpu_recurrent_gradcheck_float64(block):
+    xs, starts, h0 = _inputs(2, 9, 1, 4, 3, torch.float64, "inside", True)
+    xs = [x.detach().double().requires_grad_() for x in xs]
+    h0 = h0.detach().double().requires_grad_()
+
+    def fn(*a):
+        return cpu_recurrent_gated_delta_rule(*a[:5], starts, a[5], 0.7, block=block)
+
+    assert torch.autograd.gradcheck(fn, (*xs, h0))
+
+
+@pytest.mark.parametrize("used", [("o",), ("v_hat",), ("final_state",), ("o", "final_state")])
+def test_cpu_recurrent_backward_with_unused_outputs(used):
+    xs, starts, h0 = _inputs(2, 50, 2, 16, 16, torch.float32, "inside", True)
+    leaves = [*xs, h0]
+    grads = []
+    for fn in (naive_recurrent_gated_delta_rule, cpu_recurrent_gated_delta_rule):
+        outs = dict(zip(("o", "v_hat", "final_state"), fn(*xs, starts, h0, 0.7), strict=True))
+        loss = sum((outs[name].float() * torch.linspace(-1, 1, outs[name].numel()).view_as(outs[name])).sum() for name in used)
+        got = torch.autograd.grad(loss, leaves, allow_unused=True)
+        grads.append([torch.zeros_like(x) if g is None else g for x, g in zip(leaves, got, strict=True)])
+    for name, a, b in zip(NAMES[3:], *grads, strict=True):
+        assert_close(name, a, b, 1e-5)
+
+
+def test_cpu_recurrent_keeps_one_state_per_block():
+    # What the backward holds on to: the inputs and T / block states per head, however long the row.
+    xs, starts, _ = _inputs(2, 256, 2, 16, 16, torch.float32, "inside", False)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        cpu_recurrent_gated_delta_rule(*xs, starts, None, 1.0, block=16)
+    assert sorted(tuple(t.shape) for t in kept) == sorted(
+        [(2, 256, 2, 16)] * 3 + [(2, 256, 2)] * 2 + [(2, 256), (2, 2, 16, 16, 16)]
+    )  # q, k, v; beta, g; starts; 256 / 16 states per (row, head)
+    _, _, _, checkpoints = load_native().forward(
+        *(x.detach().contiguous() for x in xs), starts.to(torch.uint8), torch.empty(0), 1.0, 100
+    )
+    assert checkpoints.shape == (2, 2, 3, 16, 16)  # a short last block
+
+
+def test_cpu_recurrent_mixed_precision_gradients_match_input_dtypes():
+    xs, starts, h0 = _inputs(1, 40, 2, 16, 16, torch.float32, "inside", True)
+    q, k, v, beta, g = (x.detach() for x in xs)
+    q, k, v = (t.bfloat16().requires_grad_() for t in (q, k, v))  # bfloat16 activations, float32 gates
+    beta, g = beta.requires_grad_(), g.requires_grad_()
+    o, v_hat, state = cpu_recurrent_gated_delta_rule(q, k, v, beta, g, starts, h0.detach())
+    assert o.dtype == v_hat.dtype == torch.bfloat16 and state.dtype == torch.float32
+    grads = torch.autograd.grad(o.float().sum(), (q, k, v, beta, g))
+    assert [t.dtype for t in grads] == [torch.bfloat16] * 3 + [torch.float32] * 2
+
+
+@pytest.mark.parametrize("block", [0, -1, 2.5, True])
+def test_cpu_recurrent_rejects_a_bad_block(block):
+    xs, starts, _ = _inputs(1, 8, 1, 4, 4, torch.float32, None, False)
+    with pytest.raises(ValueError, match=f"block={block!r}: must be a positive number of steps"):
+        cpu_recurrent_gated_delta_rule(*xs, starts, None, 1.0, block=block)
 
 
 TRITON_CASES = [

@@ -1,4 +1,5 @@
-"""The fused Triton rollout step against ``ham_rl.kernels.ham_step.reference.ham_step`` under the interpreter."""
+"""The rollout step's fast forms, the native CPU step and the fused Triton step (under the interpreter), against
+``ham_rl.kernels.ham_step.reference.ham_step``."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from kernel_testing import assert_close, needs_interpreter
 
+from ham_rl.kernels import native
+from ham_rl.kernels.ham_step import cpu_step
+from ham_rl.kernels.ham_step.cpu_step import cpu_ham_step
 from ham_rl.kernels.ham_step.reference import ham_step as reference_ham_step
-
-pytestmark = needs_interpreter
 
 CASES = [
     # B, H, K, V, capacity, steps, dtype, mode
@@ -31,27 +33,49 @@ def _inputs(B, H, K, V, dtype, gen):
     return q, k, v, beta, g, gr, ga
 
 
+#: the native step takes float32 only; it also has the error score, the attention's null entry (sink) and a cache
+#: that is a slice of a larger reservation, as the memories' step hands it over
+NATIVE_CASES = [c for c in CASES if c.values[6] == torch.float32] + [
+    pytest.param(16, 4, 16, 16, 0, 9, torch.float32, "error", id="B16-H4-D16-unbounded-error-score"),
+    pytest.param(16, 2, 16, 16, 3, 8, torch.float32, "sink", id="B16-H2-D16-cap3-sink-per-head-scale"),
+    pytest.param(8, 2, 16, 32, 0, 6, torch.float32, "strided", id="B8-H2-K16-V32-unbounded-strided-cache"),
+]
+
+
+@needs_interpreter
 @pytest.mark.parametrize("B, H, K, V, capacity, steps, dtype, mode", CASES)
 def test_fused_step_matches_reference(B, H, K, V, capacity, steps, dtype, mode):
     from ham_rl.kernels.ham_step.fused import fused_ham_step
 
+    _compare_with_reference(fused_ham_step, B, H, K, V, capacity, steps, dtype, mode)
+
+
+@pytest.mark.parametrize("B, H, K, V, capacity, steps, dtype, mode", NATIVE_CASES)
+def test_native_step_matches_reference(B, H, K, V, capacity, steps, dtype, mode):
+    _compare_with_reference(cpu_ham_step, B, H, K, V, capacity, steps, dtype, mode)
+
+
+def _compare_with_reference(step_fn, B, H, K, V, capacity, steps, dtype, mode):
     gen = torch.Generator().manual_seed(0)
     L = (capacity + 1) if capacity else steps + 2
+    spare = 5 if mode == "strided" else 0  # the cache is the first L slots of L + 5
     cache = dict(
-        keys=torch.zeros(B, L, H, K, dtype=dtype),
-        values=torch.zeros(B, L, H, V, dtype=dtype),
-        scores=torch.zeros(B, L),
-        times=torch.zeros(B, L, dtype=torch.long),
+        keys=torch.zeros(B, L + spare, H, K, dtype=dtype),
+        values=torch.zeros(B, L + spare, H, V, dtype=dtype),
+        scores=torch.zeros(B, L + spare),
+        times=torch.zeros(B, L + spare, dtype=torch.long),
     )
-    caches = {"ref": {n: t.clone() for n, t in cache.items()}, "tri": {n: t.clone() for n, t in cache.items()}}
+    caches = {side: {n: t.clone()[:, :L] for n, t in cache.items()} for side in ("ref", "tri")}
     state = {"ref": torch.randn(B, H, K, V, generator=gen), "tri": None}
     state["tri"] = state["ref"].clone()
     length = {"ref": torch.zeros(B, dtype=torch.long), "tri": torch.zeros(B, dtype=torch.long)}
     episode_step = torch.zeros(B, dtype=torch.long)
     use_rnn = mode != "router-ties"
     use_attention = mode != "gdn"
-    scale = torch.tensor([0.5, 0.25])[:H] if mode == "router-ties" else None
-    threshold = 0.95 if mode == "surprise" else 0.3
+    scale = torch.tensor([0.5, 0.25])[:H] if mode in ("router-ties", "sink") else None
+    threshold = {"surprise": 0.95, "error": 1.0, "sink": 0.9}.get(mode, 0.3)
+    score_kind = "error" if mode == "error" else "cosine"
+    sink = torch.randn(B, H, generator=gen) if mode == "sink" else None
     saw = {"evict": False, "empty": False, "reject": False}
     for t in range(steps):
         x = _inputs(B, H, K, V, dtype, gen)
@@ -64,12 +88,13 @@ def test_fused_step_matches_reference(B, H, K, V, capacity, steps, dtype, mode):
             router = torch.tensor([0.2, 0.5, 0.8])[torch.randint(0, 3, (B,), generator=gen)]
         outs = {}
         for side in ("ref", "tri"):
-            fn = reference_ham_step if side == "ref" else fused_ham_step
+            fn = reference_ham_step if side == "ref" else step_fn
             c = caches[side]
+            extra = {} if score_kind == "cosine" and sink is None else {"score_kind": score_kind, "sink": sink}
             outs[side] = fn(
                 *x, state[side], c["keys"], c["values"], c["scores"], c["times"], length[side], start, episode_step,
                 threshold, capacity=capacity, router_score=router, use_rnn=use_rnn, use_attention=use_attention,
-                scale=scale,
+                scale=scale, **extra,
             )  # fmt: skip
         (o_r, s_r, n_r, sc_r, m_r), (o_t, s_t, n_t, sc_t, m_t) = outs["ref"], outs["tri"]
         tol = 1e-5 if dtype == torch.float32 else 2e-3
@@ -86,10 +111,13 @@ def test_fused_step_matches_reference(B, H, K, V, capacity, steps, dtype, mode):
         saw["empty"] |= bool((n_r == 0).any())
         state = {"ref": s_r, "tri": s_t}
         length = {"ref": n_r, "tri": n_t}
-    if mode == "surprise" and capacity:
+    if mode in ("surprise", "sink") and capacity:
         assert saw["evict"] and saw["empty"], f"the case did not exercise eviction and empty caches: {saw}"
+    if mode in ("error", "strided"):
+        assert 0 < int(length["ref"].sum()) < B * steps, "the case routed every step or none"
 
 
+@needs_interpreter
 @pytest.mark.parametrize("capacity", [0, 2], ids=["unbounded", "cap2"])
 def test_dispatcher_runs_triton_on_cpu_when_forced(monkeypatch, capacity):
     import ham_rl.kernels.ham_step as ops
@@ -108,3 +136,62 @@ def test_dispatcher_runs_triton_on_cpu_when_forced(monkeypatch, capacity):
     ref = ops.ham_step(*x, *args(), 0.5, capacity=capacity)
     for name, a, b in zip(("o", "state", "length", "score", "routed"), ref, got, strict=False):
         assert_close(name, a.float(), b.float(), 1e-5)
+
+
+def _step_args(B=2, H=2, D=16, L=3, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    x = _inputs(B, H, D, D, torch.float32, gen)
+    rest = (
+        torch.zeros(B, H, D, D), torch.zeros(B, L, H, D), torch.zeros(B, L, H, D), torch.zeros(B, L),
+        torch.zeros(B, L, dtype=torch.long), torch.tensor([0, 2]), torch.tensor([True, False]), torch.tensor([0, 2]),
+    )  # fmt: skip
+    return (*x, *rest)
+
+
+def _count_native_calls(monkeypatch) -> list:
+    calls = []
+    original = cpu_step.cpu_ham_step
+    monkeypatch.setattr(cpu_step, "cpu_ham_step", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("choice, grad, native_calls", [("native", False, 1), ("torch", False, 0), ("native", True, 0)])
+def test_dispatcher_runs_the_native_step_on_cpu_without_grad(monkeypatch, choice, grad, native_calls):
+    import ham_rl.kernels.ham_step as ops
+
+    monkeypatch.setenv("HAM_RL_BACKEND", "auto")
+    monkeypatch.setenv("HAM_RL_CPU_KERNEL", choice)
+    calls = _count_native_calls(monkeypatch)
+    args = list(_step_args())
+    if grad:
+        args[0] = args[0].clone().requires_grad_()  # a step that needs a gradient runs the reference, which has one
+    with torch.set_grad_enabled(grad):
+        got = ops.ham_step(*args, 0.5, capacity=2)
+    ref = reference_ham_step(*_step_args(), 0.5, capacity=2)
+    assert len(calls) == native_calls
+    for name, a, b in zip(("o", "state", "length", "score", "routed"), ref, got, strict=False):
+        assert_close(name, a.float(), b.float(), 1e-5)
+
+
+def test_dispatcher_runs_the_reference_where_the_native_step_cannot_build(monkeypatch):
+    import ham_rl.kernels.ham_step as ops
+
+    monkeypatch.setenv("HAM_RL_CPU_KERNEL", "native")
+    monkeypatch.setattr(native, "_built", {})
+    monkeypatch.setattr(native, "_errors", {cpu_step.SOURCE: "could not build the native CPU kernel cpu_step.cpp (no ninja)"})
+    monkeypatch.setattr(native, "_warned", set())
+    calls = _count_native_calls(monkeypatch)
+    with pytest.warns(UserWarning, match="no ninja.*running the PyTorch form"), torch.no_grad():
+        got = ops.ham_step(*_step_args(), 0.5)
+    assert calls == []
+    for name, a, b in zip(("o", "length"), reference_ham_step(*_step_args(), 0.5), got, strict=False):
+        assert_close(name, a.float(), b.float(), 1e-5)
+
+
+def test_native_step_refuses_what_it_does_not_take():
+    args = list(_step_args())
+    args[8] = args[8].double()  # a float64 cache
+    with pytest.raises(ValueError, match="float32 tensors, int64 times and a cache with contiguous rows"):
+        cpu_ham_step(*args, 0.5)
+    with pytest.raises(ValueError, match="score_kind='l1': allowed cosine, error"):
+        cpu_ham_step(*_step_args(), 0.5, score_kind="l1")

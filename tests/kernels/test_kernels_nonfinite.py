@@ -17,10 +17,12 @@ from kernel_testing import needs_interpreter
 
 from ham_rl.kernels.cache_attention.reference import masked_cache_attention
 from ham_rl.kernels.cache_attention.sdpa import sdpa_cache_attention
+from ham_rl.kernels.gated_delta_rule.cpu_recurrent import cpu_recurrent_gated_delta_rule
 from ham_rl.kernels.gated_delta_rule.naive_chunk import naive_chunk_gated_delta_rule
 from ham_rl.kernels.gated_delta_rule.reference import naive_recurrent_gated_delta_rule
 from ham_rl.kernels.gated_delta_rule.torch_chunk import torch_chunk_gated_delta_rule
 from ham_rl.kernels.ham_step import plan_cache
+from ham_rl.kernels.ham_step.cpu_step import cpu_ham_step
 from ham_rl.kernels.ham_step.reference import ham_step as reference_ham_step
 
 BAD = [pytest.param(float("nan"), id="nan"), pytest.param(float("inf"), id="inf")]
@@ -52,15 +54,20 @@ DELTA_RULES = [
     pytest.param(naive_recurrent_gated_delta_rule, id="recurrent"),
     pytest.param(partial(naive_chunk_gated_delta_rule, chunk_size=C), id="naive_chunk"),
     pytest.param(partial(torch_chunk_gated_delta_rule, chunk_size=C), id="torch_chunk"),
+    pytest.param(partial(cpu_recurrent_gated_delta_rule, block=8), id="cpu_recurrent"),
     pytest.param(_triton_chunk, id="triton_chunk", marks=needs_interpreter),
 ]
-CHUNKED = DELTA_RULES[1:]  # the recurrent reference's backward runs through the NaN state (0 * NaN): not contained
+CONTAINED = DELTA_RULES[1:]  # the recurrent reference's backward runs through the NaN state (0 * NaN): not contained
 ATTENTIONS = [
     pytest.param(masked_cache_attention, id="reference"),
     pytest.param(sdpa_cache_attention, id="sdpa"),
     pytest.param(_triton_attention, id="triton", marks=needs_interpreter),
 ]
-STEPS = [pytest.param(reference_ham_step, id="reference"), pytest.param(_triton_step, id="triton", marks=needs_interpreter)]
+STEPS = [
+    pytest.param(reference_ham_step, id="reference"),
+    pytest.param(cpu_ham_step, id="native"),
+    pytest.param(_triton_step, id="triton", marks=needs_interpreter),
+]
 
 
 def _assert_contained(clean: torch.Tensor, bad: torch.Tensor, before: int, after: int | None, name: str) -> None:
@@ -134,9 +141,9 @@ def test_delta_rule_bad_carried_state_is_forgotten_at_the_reset(fn, value, t_res
     _assert_contained(clean[2][:, None], bad[2][:, None], 0, 0, "final_state")
 
 
-@pytest.mark.parametrize("fn", CHUNKED)
+@pytest.mark.parametrize("fn", CONTAINED)
 @pytest.mark.parametrize("t_bad, t_reset", SPANS)
-def test_chunked_gradients_of_the_clean_steps_are_contained(fn, t_bad, t_reset):
+def test_gradients_of_the_clean_steps_are_contained(fn, t_bad, t_reset):
     # A loss on every output outside the bad episode's poisoned steps: its gradients are finite and those of the
     # clean run, except the bad token's own inputs, which get 0 (they were replaced by a no-op token).
     xs, starts = _delta_inputs()

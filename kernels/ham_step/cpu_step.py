@@ -1,0 +1,99 @@
+"""The HAM rollout step as one native call on CPU tensors (``cpu_step.cpp``): the default CPU path of ``ham_step``.
+
+``reference.ham_step`` is some 50 small torch ops a step for a batch of envs; this is one loop over the envs in C++,
+with the same in-place cache update and the same returns (to float32 round-off). Rollouts only: it has no backward,
+so ``ham_step`` runs the reference whenever an input needs a gradient. How it is built, and what runs where it
+cannot be: ``kernels/native.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from ham_rl.kernels import native
+
+__all__ = ["SOURCE", "cpu_ham_step", "load_native", "supports"]
+
+SOURCE = Path(__file__).with_name("cpu_step.cpp")
+_SCORE_KINDS = {"cosine": 0, "error": 1}
+
+
+def load_native() -> ModuleType:
+    """The built kernel (``kernels/native.py``); ``RuntimeError`` saying why where it cannot be built."""
+    return native.load_native(SOURCE)
+
+
+def _rows_strided_only(t: Tensor) -> bool:
+    """Every dim but the first is contiguous (a cache may be a slice of a larger reservation)."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:]), strict=True):
+        if size > 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def supports(q: Tensor, keys: Tensor, values: Tensor, scores: Tensor, times: Tensor, rnn_state: Tensor) -> bool:
+    """Whether the native step takes these tensors: float32 throughout (int64 times) and a cache whose rows are each
+    contiguous."""
+    floats = (q, keys, values, scores, rnn_state)
+    return (
+        all(t.dtype == torch.float32 for t in floats)
+        and times.dtype == torch.long
+        and all(_rows_strided_only(t) for t in (keys, values, scores, times))
+    )
+
+
+def cpu_ham_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    g: Tensor,
+    gate_rnn: Tensor,
+    gate_attn: Tensor,
+    rnn_state: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    scores: Tensor,
+    times: Tensor,
+    length: Tensor,
+    start: Tensor,
+    episode_step: Tensor,
+    threshold: float | Tensor,
+    capacity: int = 0,
+    router_score: Tensor | None = None,
+    use_rnn: bool = True,
+    use_attention: bool = True,
+    scale: float | Tensor | None = None,
+    score_kind: str = "cosine",
+    sink: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``reference.ham_step`` (same arguments, in-place cache update and returns) as one native call, without grad.
+
+    Raises ``RuntimeError`` where the kernel cannot be built and ``ValueError`` for tensors ``supports`` refuses.
+    """
+    if not supports(q, keys, values, scores, times, rnn_state):
+        raise ValueError("the native HAM step takes float32 tensors, int64 times and a cache with contiguous rows")
+    if score_kind not in _SCORE_KINDS:
+        raise ValueError(f"score_kind={score_kind!r}: allowed {', '.join(_SCORE_KINDS)}")
+    H, K = q.shape[1], q.shape[2]
+    scale = K**-0.5 if scale is None else scale
+    scale = scale.detach().float().expand(H).contiguous() if isinstance(scale, Tensor) else q.new_full((H,), scale)
+    empty = q.new_empty(0)
+
+    def flat(t: Tensor | None) -> Tensor:
+        return empty if t is None else t.detach().float().contiguous()
+
+    with torch.no_grad():
+        o, new_state, length, score, routed = load_native().ham_step(
+            *(flat(t) for t in (q, k, v, beta, g, gate_rnn, gate_attn)), flat(rnn_state) if use_rnn else empty,
+            keys, values, scores, times, length.long().contiguous(), start.bool().contiguous(),
+            episode_step.long().contiguous(), float(threshold), int(capacity), flat(router_score), bool(use_rnn),
+            bool(use_attention), scale, _SCORE_KINDS[score_kind], flat(sink),
+        )  # fmt: skip
+    return o, new_state if use_rnn else rnn_state, length, score, routed

@@ -1,0 +1,96 @@
+"""Native CPU kernels (C++ beside their op's reference), built on first use, and the switch that picks them.
+
+Each ``kernels/<op>/cpu_*.cpp`` is built by torch's C++ extension loader (a C++ compiler and ninja, which ham_rl
+depends on) for this machine's CPU (``-march=native``), once per machine, source and torch version: about 30 s,
+then cached under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). Where one cannot be built, its
+dispatcher warns once and runs the PyTorch form, which gives the same results to float32 round-off.
+
+``HAM_RL_CPU_KERNEL=native`` (the default) runs the native kernels on CPU tensors; ``torch`` runs the PyTorch forms
+without trying to build anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+__all__ = ["CPU_KERNELS", "FLAGS", "cpu_kernel_choice", "load_native", "native_available", "use_native"]
+
+#: the CPU implementations, as ``HAM_RL_CPU_KERNEL`` names them
+CPU_KERNELS = ("native", "torch")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=fast"]
+
+_built: dict[Path, ModuleType] = {}
+_errors: dict[Path, str] = {}
+_warned: set[Path] = set()
+
+
+def cpu_kernel_choice() -> str:
+    """``HAM_RL_CPU_KERNEL`` (default ``native``), checked against ``CPU_KERNELS``."""
+    choice = os.environ.get("HAM_RL_CPU_KERNEL", "native").lower()
+    if choice not in CPU_KERNELS:
+        raise ValueError(f"HAM_RL_CPU_KERNEL={choice!r} is not a CPU kernel choice; allowed: {', '.join(CPU_KERNELS)}")
+    return choice
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` compiles for: the CPU's feature flags where Linux lists them, else the processor name,
+    so that a cache shared between unlike machines (one home directory on a cluster) never loads a foreign build."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def load_native(source: Path) -> ModuleType:
+    """The extension built from ``source``, building it on the first call; ``RuntimeError`` saying why where it cannot."""
+    if source in _built:
+        return _built[source]
+    if source in _errors:
+        raise RuntimeError(_errors[source])
+    what = f"the native CPU kernel {source.name}"
+    if os.name != "posix":
+        _errors[source] = f"{what} builds with GCC or clang flags; not on os.name={os.name!r}"
+        raise RuntimeError(_errors[source])
+    from torch.utils.cpp_extension import load
+
+    try:
+        key = "\n".join([source.read_text(), " ".join(FLAGS), torch.__version__, _cpu_signature()])
+        name = f"ham_rl_{source.stem}_{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+        _built[source] = load(name=name, sources=[str(source)], extra_cflags=FLAGS, verbose=False)
+    except Exception as err:  # no source, compiler, ninja or Python headers: the PyTorch form runs instead
+        _errors[source] = f"could not build {what} ({type(err).__name__}: {str(err).strip()[-500:]})"
+        raise RuntimeError(_errors[source]) from err
+    return _built[source]
+
+
+def native_available(source: Path) -> bool:
+    """True when the kernel is built or builds now; False, with one warning per kernel and process, when it cannot."""
+    try:
+        load_native(source)
+    except RuntimeError as err:
+        if source not in _warned:
+            _warned.add(source)
+            warnings.warn(f"{err}; running the PyTorch form (HAM_RL_CPU_KERNEL=torch silences this)", stacklevel=3)
+        return False
+    return True
+
+
+def use_native(source: Path, tensor: torch.Tensor) -> bool:
+    """Whether an op on ``tensor`` runs the kernel built from ``source``: a CPU tensor, ``HAM_RL_CPU_KERNEL=native``,
+    not being traced by ``torch.compile`` (an opaque call would break the graph; the PyTorch forms trace), and built."""
+    return (
+        tensor.device.type == "cpu"
+        and cpu_kernel_choice() == "native"
+        and not torch.compiler.is_compiling()
+        and native_available(source)
+    )
