@@ -23,6 +23,9 @@ temporary ``git worktree`` of it in a subprocess per repeat, on the same env: an
 a commit from before the env existed can still be timed on it. The table then has the ratio to it too (issue 19).
 
     python bench/throughput.py --env cue-random-d200 --num-steps 202 --steps 19392 --baseline 44ed554 --compile
+
+``--torch-kernels`` adds ham with ``HAM_RL_CPU_KERNEL=torch`` (the PyTorch forms of the ops that have a native CPU
+kernel, ``kernels/native.py``), so the native kernels' share of the speed-up is read from the same run.
 """
 
 from __future__ import annotations
@@ -99,8 +102,21 @@ def trainer_options(memory: str) -> dict:
     return memory_kwargs(OmegaConf.load(CONFIG_DIR / "memory" / f"{memory}.yaml"))[2]
 
 
-def ours(memory: str, args, compile: bool = False) -> float:
-    """Env-steps/s of our trainer after one untimed warm-up iteration (where ``agent.compile`` compiles)."""
+def ours(memory: str, args, compile: bool = False, cpu_kernel: str = "native") -> float:
+    """Env-steps/s of our trainer after one untimed warm-up iteration (where ``agent.compile`` compiles), with the CPU
+    ops ``cpu_kernel`` picks (``HAM_RL_CPU_KERNEL``, read by the dispatchers at every call)."""
+    previous = os.environ.get("HAM_RL_CPU_KERNEL")
+    os.environ["HAM_RL_CPU_KERNEL"] = cpu_kernel
+    try:
+        return _ours(memory, args, compile)
+    finally:
+        if previous is None:
+            del os.environ["HAM_RL_CPU_KERNEL"]
+        else:
+            os.environ["HAM_RL_CPU_KERNEL"] = previous
+
+
+def _ours(memory: str, args, compile: bool) -> float:
     cfg = _config(args, compile)
     ppo = make_ours(args.env, memory, args.hidden, cfg, args.steps + cfg.batch_size, seed=0, options=trainer_options(memory))
     ppo.iterate()
@@ -160,6 +176,9 @@ def main() -> None:
     )
     p.add_argument("--memories", nargs="*", default=["ham", "gru", "attention"], help="memories of our trainer to time")
     p.add_argument("--compile", action="store_true", help="also time ham with agent.compile=true")
+    p.add_argument(
+        "--torch-kernels", action="store_true", help="also time ham with HAM_RL_CPU_KERNEL=torch (no native CPU kernels)"
+    )
     p.add_argument("--baseline", metavar="COMMIT", help="also time ham with the trainer of this commit (a worktree)")
     args = p.parse_args()
     if args.steps < args.num_envs * args.num_steps:
@@ -170,6 +189,8 @@ def main() -> None:
     contenders = {f"ours-{m}": lambda m=m: ours(m, args) for m in args.memories}
     if args.compile:
         contenders["ours-ham-compile"] = lambda: ours("ham", args, compile=True)
+    if args.torch_kernels:
+        contenders["ours-ham-torch-kernels"] = lambda: ours("ham", args, cpu_kernel="torch")
     for settings in args.sb3_settings:
         contenders[f"RecurrentPPO-{settings}"] = lambda settings=settings: recurrent_ppo(args, settings)
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,7 +220,7 @@ def main() -> None:
         for k, b in bases.items():
             print(f"\nours-ham / {k} = {med['ours-ham'] / b:.2f}x (issue 19: >= 4x matched)")
         if args.baseline:
-            for k in ("ours-ham", "ours-ham-compile"):
+            for k in ("ours-ham", "ours-ham-compile", "ours-ham-torch-kernels"):
                 if k in med:
                     print(f"{k} / {args.baseline}-ham = {med[k] / med[f'{args.baseline}-ham']:.2f}x (issue 19: >= 3x)")
 

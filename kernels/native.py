@@ -1,8 +1,9 @@
 """Native CPU kernels (C++ beside their op's reference), built on first use, and the switch that picks them.
 
-Each ``kernels/<op>/cpu_*.cpp`` is built by torch's C++ extension loader (a C++ compiler and ninja, which ham_rl
-depends on) for this machine's CPU (``-march=native``), once per machine, source and torch version: about 30 s,
-then cached under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). Where one cannot be built, its
+Each ``kernels/<op>/cpu_*.cpp`` registers its ops as ``torch.ops.ham_rl.<name>`` and is built by torch's C++
+extension loader (a C++ compiler and ninja, which ham_rl depends on) for this machine's CPU (``-march=native``),
+once per machine, source and torch version: 10-20 s each (ATen's headers, not pybind's), then cached under
+``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). Where one cannot be built, its
 dispatcher warns once and runs the PyTorch form, which gives the same results to float32 round-off.
 
 ``HAM_RL_CPU_KERNEL=native`` (the default) runs the native kernels on CPU tensors; ``torch`` runs the PyTorch forms
@@ -16,7 +17,7 @@ import os
 import platform
 import warnings
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -26,7 +27,7 @@ __all__ = ["CPU_KERNELS", "FLAGS", "cpu_kernel_choice", "load_native", "native_a
 CPU_KERNELS = ("native", "torch")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast"]
 
-_built: dict[Path, ModuleType] = {}
+_built: dict[Path, Any] = {}
 _errors: dict[Path, str] = {}
 _warned: set[Path] = set()
 
@@ -51,8 +52,9 @@ def _cpu_signature() -> str:
     return f"{platform.machine()} {platform.processor()}"
 
 
-def load_native(source: Path) -> ModuleType:
-    """The extension built from ``source``, building it on the first call; ``RuntimeError`` saying why where it cannot."""
+def load_native(source: Path) -> Any:
+    """``torch.ops.ham_rl`` once ``source``'s ops are built and loaded (on the first call); ``RuntimeError`` saying why
+    where they cannot be."""
     if source in _built:
         return _built[source]
     if source in _errors:
@@ -66,10 +68,11 @@ def load_native(source: Path) -> ModuleType:
     try:
         key = "\n".join([source.read_text(), " ".join(FLAGS), torch.__version__, _cpu_signature()])
         name = f"ham_rl_{source.stem}_{hashlib.sha1(key.encode()).hexdigest()[:12]}"
-        _built[source] = load(name=name, sources=[str(source)], extra_cflags=FLAGS, verbose=False)
+        load(name=name, sources=[str(source)], extra_cflags=FLAGS, is_python_module=False, verbose=False)
     except Exception as err:  # no source, compiler, ninja or Python headers: the PyTorch form runs instead
         _errors[source] = f"could not build {what} ({type(err).__name__}: {str(err).strip()[-500:]})"
         raise RuntimeError(_errors[source]) from err
+    _built[source] = torch.ops.ham_rl
     return _built[source]
 
 

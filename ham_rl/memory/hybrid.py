@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from ham_rl.kernels.cache_attention import cache_attention
 from ham_rl.kernels.gated_delta_rule import gated_delta_rule
-from ham_rl.kernels.ham_step import SCORES, ham_step, plan_cache, seen_candidates, surprise_score
+from ham_rl.kernels.ham_step import SCORES, cpu_step, ham_step, plan_cache, seen_candidates, surprise_score
+from ham_rl.kernels.native import use_native
 from ham_rl.memory.base import Memory
 from ham_rl.memory.l2norm import l2norm
 from ham_rl.memory.short_conv import FOLD_MAX_INPUTS, ShortConv, folded_short_conv
@@ -475,7 +476,8 @@ class HybridMemory(Memory):
         # Only the slots an env can use now, as views (writes land in the cache): spare allocation is never read.
         used = [t[:, :need] for t in (cache.keys, cache.values, cache.scores, cache.times)]
         rnn = S if self.use_rnn else x.new_zeros(B, H, d, d)
-        y, rnn_new, history, length, score, routed = (compiled or self._step_core)(
+        step = self._step_native if compiled is None and self._native_step_fits(x) else compiled or self._step_core
+        y, rnn_new, history, length, score, routed = step(
             x, rnn, history, *used, cache.length, start, steps, self.tau if compiled else float(self.tau)
         )
         if self.use_attention:
@@ -487,6 +489,32 @@ class HybridMemory(Memory):
             cache = None
         rnn_state = self._join_rnn(rnn_new if self.use_rnn else None, history)
         return y, MemoryState(rnn=rnn_state, cache=cache, episode_len=state.episode_len)
+
+    def _native_step_fits(self, x: Tensor) -> bool:
+        """Whether this step runs as one native call (``cpu_memory_step``): the HAM layer's own layout (both paths,
+        the surprise router, the local convolution path unfolded, the learned decay), float32 on a CPU, no grad."""
+        return (
+            self.use_rnn
+            and self.use_attention
+            and self.router == "surprise"
+            and self.conv_path == "local"
+            and not self.conv_folded
+            and not self.fixed_decay
+            and x.dtype == torch.float32
+            and not torch.is_grad_enabled()
+            and use_native(cpu_step.SOURCE, x)
+        )
+
+    def _step_native(self, x, rnn, history, keys, values, scores, times, length, start, steps, tau):
+        """``_step_core`` as one native call between the input projections and the output projection."""
+        eps = self.norm.eps if self.norm.eps is not None else torch.finfo(torch.float32).eps
+        sink = None if self.attn_sink is None else self.attn_sink.expand(x.shape[0], -1)
+        o, rnn, history, length, score, routed = cpu_step.cpu_memory_step(
+            self.qkv(x), self.local(x), self.gates(x), history, self.conv.weight, self.conv.bias, rnn,
+            keys, values, scores, times, length, start, steps, tau, self.capacity, self.attn_log_scale.exp(),
+            self.score, sink, self.norm.weight, eps,
+        )  # fmt: skip
+        return self.out(o), rnn, history, length, score, routed
 
     def _step_core(self, x, rnn, history, keys, values, scores, times, length, start, steps, tau):
         """The step's tensor work: ``(y, rnn state, conv history, length, score, routed)``; the cache slots are

@@ -19,6 +19,9 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from ham_rl.kernels.native import use_native
+from ham_rl.kernels.short_conv import cpu_conv
+
 __all__ = ["ShortConv", "short_conv", "folded_short_conv", "lagged_inputs", "fold_weight", "FOLD_MAX_INPUTS"]
 
 #: ``folded_short_conv`` pays for itself while the folded matmul's inner size, ``size * input_size``, stays this small
@@ -82,7 +85,11 @@ class _ShortConvFunction(torch.autograd.Function):
 
 
 def short_conv(x: Tensor, history: Tensor, steps: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-    """``x [B, T, C]``, ``history [B, K-1, C]``, ``steps [B, T]``, ``weight [K, C]``, ``bias [C]`` -> ``(y, history)``."""
+    """``x [B, T, C]``, ``history [B, K-1, C]``, ``steps [B, T]``, ``weight [K, C]``, ``bias [C]`` -> ``(y, history)``.
+
+    On float32 CPU tensors this runs the native form (``kernels/short_conv/cpu_conv.py``, ``kernels/native.py``)."""
+    if cpu_conv.fits(x, history, weight, bias) and use_native(cpu_conv.SOURCE, x):
+        return cpu_conv.cpu_short_conv(x, history, steps, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, history, weight, bias)):
         return _ShortConvFunction.apply(x, history, steps, weight, bias)
     pre, _, new_history = _forward(x, history, steps, weight, bias)  # rollout steps: no autograd.Function overhead

@@ -11,7 +11,8 @@
 // Two implementations of the same loops: float32 with V = 16, 32 or 64 (hidden 64, 128 or 256 in 4 heads) holds each
 // row of a state as one to four GCC vectors of 16 floats, which the compiler maps to the machine's vector registers;
 // every other case (float64 for gradcheck, other head sizes) runs plain scalar loops.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -419,7 +420,7 @@ std::vector<at::Tensor> gdr_backward(at::Tensor q, at::Tensor k, at::Tensor v, a
   return {dq, dk, dv, dbeta, dg, dh0};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &gdr_forward, "gated delta rule forward (CPU)");
-  m.def("backward", &gdr_backward, "gated delta rule backward (CPU)");
+TORCH_LIBRARY_FRAGMENT(ham_rl, m) {
+  m.def("gdr_forward", &gdr_forward);
+  m.def("gdr_backward", &gdr_backward);
 }

@@ -10,7 +10,7 @@ built, and what runs where it cannot be: ``kernels/native.py``.
 from __future__ import annotations
 
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,8 +36,9 @@ VECTOR_WIDTHS = (16, 32, 64)
 SOURCE = Path(__file__).with_name("cpu_recurrent.cpp")
 
 
-def load_native() -> ModuleType:
-    """The built kernel (``kernels/native.py``); ``RuntimeError`` saying why where it cannot be built."""
+def load_native() -> Any:
+    """``torch.ops.ham_rl`` with this kernel's ops loaded (``kernels/native.py``); ``RuntimeError`` saying why where it
+    cannot be built."""
     return native.load_native(SOURCE)
 
 
@@ -65,7 +66,7 @@ class CpuRecurrentGatedDeltaRuleFunction(torch.autograd.Function):
         empty = q.new_empty(0, dtype=acc)
         xs = [_as(t, acc, empty) for t in (q, k, v, beta, g)]
         st = _as(starts, torch.uint8, empty.to(torch.uint8))
-        o, v_hat, state, checkpoints = load_native().forward(*xs, st, _as(initial_state, acc, empty), scale, block)
+        o, v_hat, state, checkpoints = load_native().gdr_forward(*xs, st, _as(initial_state, acc, empty), scale, block)
         ctx.save_for_backward(*xs, st, checkpoints)
         ctx.meta = (scale, block, dtypes, h0_dtype)
         return poison_delta_rule(o.to(dtypes[0]), v_hat.to(dtypes[0]), state, ctx.masks)
@@ -79,7 +80,7 @@ class CpuRecurrentGatedDeltaRuleFunction(torch.autograd.Function):
         acc = xs[0].dtype
         empty = xs[0].new_empty(0)
         want_dh0 = h0_dtype is not None and ctx.needs_input_grad[6]
-        outs = load_native().backward(
+        outs = load_native().gdr_backward(
             *xs, st, checkpoints, _as(do, acc, empty), _as(dvhat, acc, empty), _as(dht, acc, empty), scale, block, want_dh0
         )
         grads = [t.to(dt) for t, dt in zip(outs[:5], dtypes, strict=True)]

@@ -1,4 +1,5 @@
-"""The HAM rollout step as one native call on CPU tensors (``cpu_step.cpp``): the default CPU path of ``ham_step``.
+"""The HAM rollout step as one native call on CPU tensors (``cpu_step.cpp``): the default CPU path of ``ham_step``,
+and of the HAM layer's whole step between its projections (``cpu_memory_step``, which ``HybridMemory`` calls).
 
 ``reference.ham_step`` is some 50 small torch ops a step for a batch of envs; this is one loop over the envs in C++,
 with the same in-place cache update and the same returns (to float32 round-off). Rollouts only: it has no backward,
@@ -9,21 +10,22 @@ cannot be: ``kernels/native.py``.
 from __future__ import annotations
 
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ham_rl.kernels import native
 
-__all__ = ["SOURCE", "cpu_ham_step", "load_native", "supports"]
+__all__ = ["SOURCE", "cpu_ham_step", "cpu_memory_step", "load_native", "supports"]
 
 SOURCE = Path(__file__).with_name("cpu_step.cpp")
 _SCORE_KINDS = {"cosine": 0, "error": 1}
 
 
-def load_native() -> ModuleType:
-    """The built kernel (``kernels/native.py``); ``RuntimeError`` saying why where it cannot be built."""
+def load_native() -> Any:
+    """``torch.ops.ham_rl`` with this kernel's ops loaded (``kernels/native.py``); ``RuntimeError`` saying why where it
+    cannot be built."""
     return native.load_native(SOURCE)
 
 
@@ -35,6 +37,11 @@ def _rows_strided_only(t: Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` contiguous in ``dtype``; ``t`` itself when it already is (this runs every rollout step: no needless op)."""
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
 
 
 def supports(q: Tensor, keys: Tensor, values: Tensor, scores: Tensor, times: Tensor, rnn_state: Tensor) -> bool:
@@ -83,17 +90,61 @@ def cpu_ham_step(
         raise ValueError(f"score_kind={score_kind!r}: allowed {', '.join(_SCORE_KINDS)}")
     H, K = q.shape[1], q.shape[2]
     scale = K**-0.5 if scale is None else scale
-    scale = scale.detach().float().expand(H).contiguous() if isinstance(scale, Tensor) else q.new_full((H,), scale)
+    scale = _as(scale.expand(H), torch.float32) if isinstance(scale, Tensor) else q.new_full((H,), scale)
     empty = q.new_empty(0)
-
-    def flat(t: Tensor | None) -> Tensor:
-        return empty if t is None else t.detach().float().contiguous()
-
     with torch.no_grad():
+        floats = [empty if t is None else _as(t, torch.float32) for t in (q, k, v, beta, g, gate_rnn, gate_attn)]
         o, new_state, length, score, routed = load_native().ham_step(
-            *(flat(t) for t in (q, k, v, beta, g, gate_rnn, gate_attn)), flat(rnn_state) if use_rnn else empty,
-            keys, values, scores, times, length.long().contiguous(), start.bool().contiguous(),
-            episode_step.long().contiguous(), float(threshold), int(capacity), flat(router_score), bool(use_rnn),
-            bool(use_attention), scale, _SCORE_KINDS[score_kind], flat(sink),
+            *floats, _as(rnn_state, torch.float32) if use_rnn else empty, keys, values, scores, times,
+            _as(length, torch.long), _as(start, torch.bool), _as(episode_step, torch.long), float(threshold),
+            int(capacity), empty if router_score is None else _as(router_score, torch.float32), bool(use_rnn),
+            bool(use_attention), scale, _SCORE_KINDS[score_kind], empty if sink is None else _as(sink, torch.float32),
         )  # fmt: skip
     return o, new_state if use_rnn else rnn_state, length, score, routed
+
+
+def cpu_memory_step(
+    qkv: Tensor,
+    local: Tensor,
+    gates: Tensor,
+    history: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Tensor,
+    rnn_state: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    scores: Tensor,
+    times: Tensor,
+    length: Tensor,
+    start: Tensor,
+    episode_step: Tensor,
+    threshold: float | Tensor,
+    capacity: int,
+    scale: Tensor,
+    score_kind: str,
+    sink: Tensor | None,
+    norm_weight: Tensor,
+    norm_eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The HAM layer's step from its input projections to its RMSNorm, as one native call, without grad.
+
+    ``qkv [B, 3 H D]``, ``local [B, H D]`` (the local path's projection), ``gates [B, 5 H]`` (the logits of the log
+    decay, beta and the RNN, attention and local gates), ``history [B, C - 1, H D]``, the short convolution's
+    ``conv_weight [C, H D]`` and ``conv_bias``, ``norm_weight [H D]``; the rest as ``cpu_ham_step``. Returns
+    ``(RMSNorm output [B, H D], rnn state, conv history, length, score, routed)``; the cache is written in place.
+    ``HybridMemory`` calls it where its layout is this one (``conv_path="local"``, unfolded, both paths, the surprise
+    router); ``cpu_step.cpp`` says what it computes.
+    """
+    if not supports(qkv, keys, values, scores, times, rnn_state):
+        raise ValueError("the native HAM step takes float32 tensors, int64 times and a cache with contiguous rows")
+    empty = qkv.new_empty(0)
+    with torch.no_grad():
+        return tuple(
+            load_native().memory_step(
+                *(_as(t, torch.float32) for t in (qkv, local, gates, history, conv_weight, conv_bias, rnn_state)),
+                keys, values, scores, times, _as(length, torch.long), _as(start, torch.bool),
+                _as(episode_step, torch.long), float(threshold), int(capacity), _as(scale, torch.float32),
+                _SCORE_KINDS[score_kind], empty if sink is None else _as(sink, torch.float32), _as(norm_weight, torch.float32),
+                float(norm_eps),
+            )
+        )  # fmt: skip

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ham_rl.kernels.short_conv import cpu_conv
+from ham_rl.kernels.short_conv.cpu_conv import cpu_short_conv
 from ham_rl.memory.short_conv import ShortConv, folded_short_conv, short_conv
 
 
@@ -120,3 +122,46 @@ def test_mixed_precision_gradients_match_input_dtypes():
     y, _ = short_conv(x, torch.zeros(2, 3, 6), torch.arange(9)[None].expand(2, -1), weight, bias)
     y.float().sum().backward()
     assert (x.grad.dtype, weight.grad.dtype, bias.grad.dtype) == (torch.bfloat16, torch.float32, torch.float32)
+
+
+@pytest.mark.parametrize("B, T, C, K", [(3, 20, 8, 4), (2, 1, 5, 4), (2, 2, 5, 4), (1, 7, 3, 1), (2, 9, 4, 2)])
+def test_native_form_matches_masked_slices_values_and_gradients(B, T, C, K):
+    # The CPU default for float32 (kernels/short_conv/cpu_conv.cpp), against the readable form in float64.
+    (x, history, weight, bias), steps = _inputs(B, T, C, K)
+    want_y, want_history = masked_slices(x, history, steps, weight, bias)
+    dy = torch.randn_like(want_y)
+    leaves = (x, history, weight, bias)
+    want = torch.autograd.grad(want_y, leaves, dy, allow_unused=True)
+    want = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, want, strict=True)]
+    leaves32 = [t.detach().float().requires_grad_() for t in leaves]
+    got_y, got_history = cpu_short_conv(leaves32[0], leaves32[1], steps, leaves32[2], leaves32[3])
+    torch.testing.assert_close(got_y.double(), want_y, rtol=0, atol=1e-5)
+    assert torch.equal(got_history, want_history.float())
+    got = torch.autograd.grad(got_y, leaves32, dy.float())
+    for name, a, b in zip(("x", "history", "weight", "bias"), got, want, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=1e-4, msg=name)
+    with torch.no_grad():  # the rollout's call: no graph, the same numbers
+        y_nograd, _ = cpu_short_conv(*(t.detach() for t in leaves32[:2]), steps, *(t.detach() for t in leaves32[2:]))
+    assert torch.equal(y_nograd, got_y.detach())
+
+
+def test_native_form_keeps_a_finished_episodes_nan_out():
+    (x, history, weight, bias), steps = _inputs(2, 6, 4, 4)
+    x, history, weight, bias = (t.detach().float() for t in (x, history, weight, bias))
+    history[0] = float("nan")  # env 0's previous episode ended in NaN ...
+    steps[0] = torch.arange(6)  # ... and its new episode starts at this segment's first step
+    y, _ = cpu_short_conv(x, history, steps, weight, bias)
+    assert torch.isfinite(y[0]).all()
+
+
+@pytest.mark.parametrize("choice, native_calls", [("native", 1), ("torch", 0)])
+def test_short_conv_runs_the_native_form_on_float32_cpu_tensors(monkeypatch, choice, native_calls):
+    monkeypatch.setenv("HAM_RL_CPU_KERNEL", choice)
+    calls = []
+    original = cpu_conv.cpu_short_conv
+    monkeypatch.setattr(cpu_conv, "cpu_short_conv", lambda *a: calls.append(1) or original(*a))
+    (x, history, weight, bias), steps = _inputs(2, 5, 3, 4)
+    want = short_conv(*(t.detach() for t in (x, history)), steps, *(t.detach() for t in (weight, bias)))  # float64
+    got = short_conv(*(t.detach().float() for t in (x, history)), steps, *(t.detach().float() for t in (weight, bias)))
+    assert len(calls) == native_calls
+    torch.testing.assert_close(got[0].double(), want[0], rtol=0, atol=1e-5)

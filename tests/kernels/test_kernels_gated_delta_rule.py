@@ -275,7 +275,7 @@ def test_cpu_recurrent_keeps_one_state_per_block():
     assert sorted(tuple(t.shape) for t in kept) == sorted(
         [(2, 256, 2, 16)] * 3 + [(2, 256, 2)] * 2 + [(2, 256), (2, 2, 16, 16, 16)]
     )  # q, k, v; beta, g; starts; 256 / 16 states per (row, head)
-    _, _, _, checkpoints = load_native().forward(
+    _, _, _, checkpoints = load_native().gdr_forward(
         *(x.detach().contiguous() for x in xs), starts.to(torch.uint8), torch.empty(0), 1.0, 100
     )
     assert checkpoints.shape == (2, 2, 3, 16, 16)  # a short last block
