@@ -1,10 +1,11 @@
 """Native CPU kernels (C++ beside their op's reference), built on first use, and the switch that picks them.
 
-Each ``kernels/<op>/cpu_*.cpp`` registers its ops as ``torch.ops.ham_rl.<name>`` and is built by torch's C++
-extension loader (a C++ compiler and ninja, which ham_rl depends on) for this machine's CPU (``-march=native``),
-once per machine, source and torch version: 10-20 s each (ATen's headers, not pybind's), then cached under
-``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). Where one cannot be built, its
-dispatcher warns once and runs the PyTorch form, which gives the same results to float32 round-off.
+Each ``kernels/<op>/cpu_*.cpp`` registers its ops as ``torch.ops.ham_rl.<name>``. The first call of any of them builds
+all of them into one library with torch's C++ extension loader (a C++ compiler and ninja, which ham_rl depends on),
+for this machine's CPU (``-march=native``), once per machine, sources and torch version: 20-60 s (ATen's headers, not
+pybind's; ninja compiles the sources side by side), then cached under ``TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``). Where they cannot be built, each op's dispatcher warns once and runs its PyTorch form,
+which gives the same results to float32 round-off.
 
 ``HAM_RL_CPU_KERNEL=native`` (the default) runs the native kernels on CPU tensors; ``torch`` runs the PyTorch forms
 without trying to build anything.
@@ -21,11 +22,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["CPU_KERNELS", "FLAGS", "cpu_kernel_choice", "load_native", "native_available", "use_native"]
+__all__ = ["CPU_KERNELS", "FLAGS", "SOURCES", "cpu_kernel_choice", "load_native", "native_available", "use_native"]
 
 #: the CPU implementations, as ``HAM_RL_CPU_KERNEL`` names them
 CPU_KERNELS = ("native", "torch")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast"]
+#: every native kernel's source; they build into one library
+SOURCES = tuple(
+    (Path(__file__).parent / name).resolve()
+    for name in ("gated_delta_rule/cpu_recurrent.cpp", "ham_step/cpu_step.cpp", "short_conv/cpu_conv.cpp")
+)
 
 _built: dict[Path, Any] = {}
 _errors: dict[Path, str] = {}
@@ -53,31 +59,36 @@ def _cpu_signature() -> str:
 
 
 def load_native(source: Path) -> Any:
-    """``torch.ops.ham_rl`` once ``source``'s ops are built and loaded (on the first call); ``RuntimeError`` saying why
-    where they cannot be."""
+    """``torch.ops.ham_rl`` once ``source`` (one of ``SOURCES``) is built and loaded, with the other kernels (on the first
+    call); ``RuntimeError`` saying why where they cannot be."""
+    source = source.resolve()
     if source in _built:
         return _built[source]
     if source in _errors:
         raise RuntimeError(_errors[source])
-    what = f"the native CPU kernel {source.name}"
+    if source not in SOURCES:
+        raise ValueError(f"{source} is not a native kernel source; allowed: {', '.join(s.name for s in SOURCES)}")
     if os.name != "posix":
-        _errors[source] = f"{what} builds with GCC or clang flags; not on os.name={os.name!r}"
-        raise RuntimeError(_errors[source])
+        error = f"the native CPU kernels build with GCC or clang flags; not on os.name={os.name!r}"
+        _errors.update(dict.fromkeys(SOURCES, error))
+        raise RuntimeError(error)
     from torch.utils.cpp_extension import load
 
     try:
-        key = "\n".join([source.read_text(), " ".join(FLAGS), torch.__version__, _cpu_signature()])
-        name = f"ham_rl_{source.stem}_{hashlib.sha1(key.encode()).hexdigest()[:12]}"
-        load(name=name, sources=[str(source)], extra_cflags=FLAGS, is_python_module=False, verbose=False)
-    except Exception as err:  # no source, compiler, ninja or Python headers: the PyTorch form runs instead
-        _errors[source] = f"could not build {what} ({type(err).__name__}: {str(err).strip()[-500:]})"
-        raise RuntimeError(_errors[source]) from err
-    _built[source] = torch.ops.ham_rl
+        texts = [s.read_text() for s in SOURCES]
+        key = "\n".join([*texts, " ".join(FLAGS), torch.__version__, _cpu_signature()])
+        name = f"ham_rl_native_{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+        load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=FLAGS, is_python_module=False, verbose=False)
+    except Exception as err:  # no source, compiler, ninja or Python headers: the PyTorch forms run instead
+        error = f"could not build the native CPU kernels ({type(err).__name__}: {str(err).strip()[-500:]})"
+        _errors.update(dict.fromkeys(SOURCES, error))
+        raise RuntimeError(error) from err
+    _built.update(dict.fromkeys(SOURCES, torch.ops.ham_rl))
     return _built[source]
 
 
 def native_available(source: Path) -> bool:
-    """True when the kernel is built or builds now; False, with one warning per kernel and process, when it cannot."""
+    """True when the kernels are built or build now; False, with one warning per kernel and process, when they cannot."""
     try:
         load_native(source)
     except RuntimeError as err:

@@ -33,7 +33,7 @@ __all__ = [
 DEFAULT_BLOCK = 16
 #: value widths (head sizes) with the vector path; other widths run scalar loops, slower than the chunked form
 VECTOR_WIDTHS = (16, 32, 64)
-SOURCE = Path(__file__).with_name("cpu_recurrent.cpp")
+SOURCE = Path(__file__).with_name("cpu_recurrent.cpp").resolve()
 
 
 def load_native() -> Any:

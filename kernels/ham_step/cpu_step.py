@@ -19,7 +19,7 @@ from ham_rl.kernels import native
 
 __all__ = ["SOURCE", "cpu_ham_step", "cpu_memory_step", "load_native", "supports"]
 
-SOURCE = Path(__file__).with_name("cpu_step.cpp")
+SOURCE = Path(__file__).with_name("cpu_step.cpp").resolve()
 _SCORE_KINDS = {"cosine": 0, "error": 1}
 
 

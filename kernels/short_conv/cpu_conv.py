@@ -19,7 +19,7 @@ from ham_rl.kernels import native
 
 __all__ = ["SOURCE", "CpuShortConvFunction", "cpu_short_conv", "fits", "load_native"]
 
-SOURCE = Path(__file__).with_name("cpu_conv.cpp")
+SOURCE = Path(__file__).with_name("cpu_conv.cpp").resolve()
 
 
 def load_native() -> Any:

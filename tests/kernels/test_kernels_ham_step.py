@@ -178,7 +178,7 @@ def test_dispatcher_runs_the_reference_where_the_native_step_cannot_build(monkey
 
     monkeypatch.setenv("HAM_RL_CPU_KERNEL", "native")
     monkeypatch.setattr(native, "_built", {})
-    monkeypatch.setattr(native, "_errors", {cpu_step.SOURCE: "could not build the native CPU kernel cpu_step.cpp (no ninja)"})
+    monkeypatch.setattr(native, "_errors", {cpu_step.SOURCE: "could not build the native CPU kernels (no ninja)"})
     monkeypatch.setattr(native, "_warned", set())
     calls = _count_native_calls(monkeypatch)
     with pytest.warns(UserWarning, match="no ninja.*running the PyTorch form"), torch.no_grad():
