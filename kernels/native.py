@@ -4,8 +4,8 @@ Each ``kernels/<op>/cpu_*.cpp`` registers its ops as ``torch.ops.ham_rl.<name>``
 all of them into one library with torch's C++ extension loader (a C++ compiler and ninja, which ham_rl depends on),
 for this machine's CPU (``-march=native``), once per machine, sources and torch version: 20-60 s (ATen's headers, not
 pybind's; ninja compiles the sources side by side), then cached under ``TORCH_EXTENSIONS_DIR`` (default
-``~/.cache/torch_extensions``). Where they cannot be built, each op's dispatcher warns once and runs its PyTorch form,
-which gives the same results to float32 round-off.
+``~/.cache/torch_extensions``, one build per checkout). Where they cannot be built, each op's dispatcher warns once
+and runs its PyTorch form, which gives the same results to float32 round-off.
 
 ``HAM_RL_CPU_KERNEL=native`` (the default) runs the native kernels on CPU tensors; ``torch`` runs the PyTorch forms
 without trying to build anything.
@@ -76,7 +76,9 @@ def load_native(source: Path) -> Any:
 
     try:
         texts = [s.read_text() for s in SOURCES]
-        key = "\n".join([*texts, " ".join(FLAGS), torch.__version__, _cpu_signature()])
+        # The folder too: ninja rebuilds when the sources' paths change, so two checkouts on one machine each keep
+        # their own build instead of rebuilding each other's.
+        key = "\n".join([*texts, str(SOURCES[0].parent), " ".join(FLAGS), torch.__version__, _cpu_signature()])
         name = f"ham_rl_native_{hashlib.sha1(key.encode()).hexdigest()[:12]}"
         load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=FLAGS, is_python_module=False, verbose=False)
     except Exception as err:  # no source, compiler, ninja or Python headers: the PyTorch forms run instead
