@@ -22,7 +22,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["CPU_KERNELS", "FLAGS", "SOURCES", "cpu_kernel_choice", "load_native", "native_available", "use_native"]
+__all__ = [
+    "CPU_KERNELS",
+    "FLAGS",
+    "SOURCES",
+    "as_contiguous",
+    "cpu_kernel_choice",
+    "load_native",
+    "native_available",
+    "use_native",
+]
 
 #: the CPU implementations, as ``HAM_RL_CPU_KERNEL`` names them
 CPU_KERNELS = ("native", "torch")
@@ -99,6 +108,12 @@ def native_available(source: Path) -> bool:
             warnings.warn(f"{err}; running the PyTorch form (HAM_RL_CPU_KERNEL=torch silences this)", stacklevel=3)
         return False
     return True
+
+
+def as_contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` contiguous in ``dtype``, as the kernels read it; ``t`` itself when it already is (no needless op: this
+    runs every rollout step)."""
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
 
 
 def use_native(source: Path, tensor: torch.Tensor) -> bool:

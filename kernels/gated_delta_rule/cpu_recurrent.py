@@ -49,7 +49,7 @@ def has_vector_path(v: Tensor) -> bool:
 
 def _as(t: Tensor | None, dtype: torch.dtype, empty: Tensor) -> Tensor:
     """``t`` contiguous in ``dtype``, or an empty tensor (the kernel's "none") for None."""
-    return empty if t is None else t.to(dtype).contiguous()
+    return empty if t is None else native.as_contiguous(t, dtype)
 
 
 class CpuRecurrentGatedDeltaRuleFunction(torch.autograd.Function):

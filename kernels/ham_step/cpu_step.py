@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ham_rl.kernels import native
+from ham_rl.kernels.native import as_contiguous as _as
 
 __all__ = ["SOURCE", "cpu_ham_step", "cpu_memory_step", "load_native", "supports"]
 
@@ -37,11 +38,6 @@ def _rows_strided_only(t: Tensor) -> bool:
             return False
         expected *= size
     return True
-
-
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t`` contiguous in ``dtype``; ``t`` itself when it already is (this runs every rollout step: no needless op)."""
-    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
 
 
 def supports(q: Tensor, keys: Tensor, values: Tensor, scores: Tensor, times: Tensor, rnn_state: Tensor) -> bool:
