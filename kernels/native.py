@@ -4,8 +4,8 @@ Each ``kernels/<op>/cpu_*.cpp`` registers its ops as ``torch.ops.ham_rl.<name>``
 all of them into one library with torch's C++ extension loader (a C++ compiler and ninja, which ham_rl depends on),
 for this machine's CPU (``-march=native``), once per machine, sources and torch version: 20-60 s (ATen's headers, not
 pybind's; ninja compiles the sources side by side), then cached under ``TORCH_EXTENSIONS_DIR`` (default
-``~/.cache/torch_extensions``, one build per checkout). Where they cannot be built, each op's dispatcher warns once
-and runs its PyTorch form, which gives the same results to float32 round-off.
+``~/.cache/torch_extensions``, one build per checkout). Where they cannot be built, the dispatchers warn once
+and run the PyTorch forms, which gives the same results to float32 round-off.
 
 ``HAM_RL_CPU_KERNEL=native`` (the default) runs the native kernels on CPU tensors; ``torch`` runs the PyTorch forms
 without trying to build anything.
@@ -42,9 +42,10 @@ SOURCES = tuple(
     for name in ("gated_delta_rule/cpu_recurrent.cpp", "ham_step/cpu_step.cpp", "short_conv/cpu_conv.cpp")
 )
 
-_built: dict[Path, Any] = {}
-_errors: dict[Path, str] = {}
-_warned: set[Path] = set()
+#: the loaded ops (``torch.ops.ham_rl``) once built, or why they could not be; one library, so one state for all kernels
+_ops: Any = None
+_error: str | None = None
+_warned = False
 
 
 def cpu_kernel_choice() -> str:
@@ -67,20 +68,17 @@ def _cpu_signature() -> str:
     return f"{platform.machine()} {platform.processor()}"
 
 
-def load_native(source: Path) -> Any:
-    """``torch.ops.ham_rl`` once ``source`` (one of ``SOURCES``) is built and loaded, with the other kernels (on the first
-    call); ``RuntimeError`` saying why where they cannot be."""
-    source = source.resolve()
-    if source in _built:
-        return _built[source]
-    if source in _errors:
-        raise RuntimeError(_errors[source])
-    if source not in SOURCES:
-        raise ValueError(f"{source} is not a native kernel source; allowed: {', '.join(s.name for s in SOURCES)}")
+def load_native() -> Any:
+    """``torch.ops.ham_rl`` with every native kernel built and loaded (on the first call); ``RuntimeError`` saying why
+    where they cannot be."""
+    global _ops, _error
+    if _ops is not None:
+        return _ops
+    if _error is not None:
+        raise RuntimeError(_error)
     if os.name != "posix":
-        error = f"the native CPU kernels build with GCC or clang flags; not on os.name={os.name!r}"
-        _errors.update(dict.fromkeys(SOURCES, error))
-        raise RuntimeError(error)
+        _error = f"the native CPU kernels build with GCC or clang flags; not on os.name={os.name!r}"
+        raise RuntimeError(_error)
     from torch.utils.cpp_extension import load
 
     try:
@@ -91,21 +89,21 @@ def load_native(source: Path) -> Any:
         name = f"ham_rl_native_{hashlib.sha1(key.encode()).hexdigest()[:12]}"
         load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=FLAGS, is_python_module=False, verbose=False)
     except Exception as err:  # no source, compiler, ninja or Python headers: the PyTorch forms run instead
-        error = f"could not build the native CPU kernels ({type(err).__name__}: {str(err).strip()[-500:]})"
-        _errors.update(dict.fromkeys(SOURCES, error))
-        raise RuntimeError(error) from err
-    _built.update(dict.fromkeys(SOURCES, torch.ops.ham_rl))
-    return _built[source]
+        _error = f"could not build the native CPU kernels ({type(err).__name__}: {str(err).strip()[-500:]})"
+        raise RuntimeError(_error) from err
+    _ops = torch.ops.ham_rl
+    return _ops
 
 
-def native_available(source: Path) -> bool:
-    """True when the kernels are built or build now; False, with one warning per kernel and process, when they cannot."""
+def native_available() -> bool:
+    """True when the kernels are built or build now; False, with one warning per process, when they cannot."""
+    global _warned
     try:
-        load_native(source)
+        load_native()
     except RuntimeError as err:
-        if source not in _warned:
-            _warned.add(source)
-            warnings.warn(f"{err}; running the PyTorch form (HAM_RL_CPU_KERNEL=torch silences this)", stacklevel=3)
+        if not _warned:
+            _warned = True
+            warnings.warn(f"{err}; running the PyTorch forms (HAM_RL_CPU_KERNEL=torch silences this)", stacklevel=3)
         return False
     return True
 
@@ -116,12 +114,12 @@ def as_contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
 
 
-def use_native(source: Path, tensor: torch.Tensor) -> bool:
-    """Whether an op on ``tensor`` runs the kernel built from ``source``: a CPU tensor, ``HAM_RL_CPU_KERNEL=native``,
-    not being traced by ``torch.compile`` (an opaque call would break the graph; the PyTorch forms trace), and built."""
+def use_native(tensor: torch.Tensor) -> bool:
+    """Whether an op on ``tensor`` runs its native kernel: a CPU tensor, ``HAM_RL_CPU_KERNEL=native``, not being traced
+    by ``torch.compile`` (an opaque call would break the graph; the PyTorch forms trace), and the kernels built."""
     return (
         tensor.device.type == "cpu"
         and cpu_kernel_choice() == "native"
         and not torch.compiler.is_compiling()
-        and native_available(source)
+        and native_available()
     )

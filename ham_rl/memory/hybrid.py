@@ -502,7 +502,7 @@ class HybridMemory(Memory):
             and not self.fixed_decay
             and x.dtype == torch.float32
             and not torch.is_grad_enabled()
-            and use_native(cpu_step.SOURCE, x)
+            and use_native(x)
         )
 
     def _step_native(self, x, rnn, history, keys, values, scores, times, length, start, steps, tau):

@@ -88,7 +88,7 @@ def short_conv(x: Tensor, history: Tensor, steps: Tensor, weight: Tensor, bias: 
     """``x [B, T, C]``, ``history [B, K-1, C]``, ``steps [B, T]``, ``weight [K, C]``, ``bias [C]`` -> ``(y, history)``.
 
     On float32 CPU tensors this runs the native form (``kernels/short_conv/cpu_conv.py``, ``kernels/native.py``)."""
-    if cpu_conv.fits(x, history, weight, bias) and use_native(cpu_conv.SOURCE, x):
+    if cpu_conv.fits(x, history, weight, bias) and use_native(x):
         return cpu_conv.cpu_short_conv(x, history, steps, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, history, weight, bias)):
         return _ShortConvFunction.apply(x, history, steps, weight, bias)

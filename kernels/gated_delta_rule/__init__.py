@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ham_rl.kernels.backend import resolve_backend
-from ham_rl.kernels.gated_delta_rule.cpu_recurrent import SOURCE, cpu_recurrent_gated_delta_rule, has_vector_path
+from ham_rl.kernels.gated_delta_rule.cpu_recurrent import cpu_recurrent_gated_delta_rule, has_vector_path
 from ham_rl.kernels.gated_delta_rule.naive_chunk import DEFAULT_CPU_CHUNK_SIZE, naive_chunk_gated_delta_rule
 from ham_rl.kernels.gated_delta_rule.reference import naive_recurrent_gated_delta_rule
 from ham_rl.kernels.gated_delta_rule.torch_chunk import torch_chunk_gated_delta_rule
@@ -51,6 +51,6 @@ def gated_delta_rule(
 
         return chunk_gated_delta_rule(q, k, v, beta, g, starts, initial_state, scale)
     # Where the native kernel has no vector path (float64, odd head sizes) its scalar loops lose to the chunked form.
-    if use_native(SOURCE, q) and has_vector_path(v):
+    if use_native(q) and has_vector_path(v):
         return cpu_recurrent_gated_delta_rule(q, k, v, beta, g, starts, initial_state, scale)
     return torch_chunk_gated_delta_rule(q, k, v, beta, g, starts, initial_state, scale, DEFAULT_CPU_CHUNK_SIZE)

@@ -9,9 +9,6 @@ built, and what runs where it cannot be: ``kernels/native.py``.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -22,24 +19,15 @@ from ham_rl.kernels.nonfinite import contain_delta_rule, delta_rule_grads, outpu
 
 __all__ = [
     "DEFAULT_BLOCK",
-    "SOURCE",
     "CpuRecurrentGatedDeltaRuleFunction",
     "cpu_recurrent_gated_delta_rule",
     "has_vector_path",
-    "load_native",
 ]
 
 #: steps between the states the forward keeps for the backward (T / 16 states per head; 16 x 16 x 4 B each)
 DEFAULT_BLOCK = 16
 #: value widths (head sizes) with the vector path; other widths run scalar loops, slower than the chunked form
 VECTOR_WIDTHS = (16, 32, 64)
-SOURCE = Path(__file__).with_name("cpu_recurrent.cpp").resolve()
-
-
-def load_native() -> Any:
-    """``torch.ops.ham_rl`` with this kernel's ops loaded (``kernels/native.py``); ``RuntimeError`` saying why where it
-    cannot be built."""
-    return native.load_native(SOURCE)
 
 
 def has_vector_path(v: Tensor) -> bool:
@@ -66,7 +54,7 @@ class CpuRecurrentGatedDeltaRuleFunction(torch.autograd.Function):
         empty = q.new_empty(0, dtype=acc)
         xs = [_as(t, acc, empty) for t in (q, k, v, beta, g)]
         st = _as(starts, torch.uint8, empty.to(torch.uint8))
-        o, v_hat, state, checkpoints = load_native().gdr_forward(*xs, st, _as(initial_state, acc, empty), scale, block)
+        o, v_hat, state, checkpoints = native.load_native().gdr_forward(*xs, st, _as(initial_state, acc, empty), scale, block)
         ctx.save_for_backward(*xs, st, checkpoints)
         ctx.meta = (scale, block, dtypes, h0_dtype)
         return poison_delta_rule(o.to(dtypes[0]), v_hat.to(dtypes[0]), state, ctx.masks)
@@ -80,7 +68,7 @@ class CpuRecurrentGatedDeltaRuleFunction(torch.autograd.Function):
         acc = xs[0].dtype
         empty = xs[0].new_empty(0)
         want_dh0 = h0_dtype is not None and ctx.needs_input_grad[6]
-        outs = load_native().gdr_backward(
+        outs = native.load_native().gdr_backward(
             *xs, st, checkpoints, _as(do, acc, empty), _as(dvhat, acc, empty), _as(dht, acc, empty), scale, block, want_dh0
         )
         grads = [t.to(dt) for t, dt in zip(outs[:5], dtypes, strict=True)]
@@ -103,7 +91,7 @@ def cpu_recurrent_gated_delta_rule(
     """``naive_recurrent_gated_delta_rule`` (same arguments and returns) as native CPU calls, with their backward.
 
     ``block``: steps between the states kept for the backward. Raises ``RuntimeError`` where the kernel cannot be
-    built (``kernels.native.native_available(SOURCE)`` says whether it can) and ``ValueError`` for a tensor not on the
+    built (``kernels.native.native_available()`` says whether it can) and ``ValueError`` for a tensor not on the
     CPU.
     """
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:

@@ -73,10 +73,10 @@ def ham_step(
             *args, threshold, capacity=capacity, router_score=router_score, use_rnn=use_rnn,
             use_attention=use_attention, scale=scale,
         )  # fmt: skip
-    if not wants_grad and use_native(cpu_step.SOURCE, q) and cpu_step.supports(q, keys, values, scores, times, rnn_state):
+    if not wants_grad and use_native(q) and cpu_step.supports(q, keys, values, scores, times, rnn_state):
         return cpu_step.cpu_ham_step(
             *args, threshold, capacity=capacity, router_score=router_score, use_rnn=use_rnn,
-            use_attention=use_attention, scale=scale, score_kind=score_kind, sink=sink,
+            use_attention=use_attention, scale=scale, score_kind=score_kind, sink=sink, checked=True,
         )  # fmt: skip
     return reference_ham_step(
         *args, threshold, capacity=capacity, router_score=router_score, use_rnn=use_rnn, use_attention=use_attention,

@@ -9,25 +9,15 @@ cannot be: ``kernels/native.py``.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from ham_rl.kernels import native
 from ham_rl.kernels.native import as_contiguous as _as
 
-__all__ = ["SOURCE", "cpu_ham_step", "cpu_memory_step", "load_native", "supports"]
+__all__ = ["cpu_ham_step", "cpu_memory_step", "supports"]
 
-SOURCE = Path(__file__).with_name("cpu_step.cpp").resolve()
 _SCORE_KINDS = {"cosine": 0, "error": 1}
-
-
-def load_native() -> Any:
-    """``torch.ops.ham_rl`` with this kernel's ops loaded (``kernels/native.py``); ``RuntimeError`` saying why where it
-    cannot be built."""
-    return native.load_native(SOURCE)
 
 
 def _rows_strided_only(t: Tensor) -> bool:
@@ -75,12 +65,14 @@ def cpu_ham_step(
     scale: float | Tensor | None = None,
     score_kind: str = "cosine",
     sink: Tensor | None = None,
+    checked: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``reference.ham_step`` (same arguments, in-place cache update and returns) as one native call, without grad.
 
-    Raises ``RuntimeError`` where the kernel cannot be built and ``ValueError`` for tensors ``supports`` refuses.
+    Raises ``RuntimeError`` where the kernel cannot be built and ``ValueError`` for tensors ``supports`` refuses
+    (``checked=True``: the caller has asked ``supports`` already, as the dispatcher does every step).
     """
-    if not supports(q, keys, values, scores, times, rnn_state):
+    if not checked and not supports(q, keys, values, scores, times, rnn_state):
         raise ValueError("the native HAM step takes float32 tensors, int64 times and a cache with contiguous rows")
     if score_kind not in _SCORE_KINDS:
         raise ValueError(f"score_kind={score_kind!r}: allowed {', '.join(_SCORE_KINDS)}")
@@ -90,7 +82,7 @@ def cpu_ham_step(
     empty = q.new_empty(0)
     with torch.no_grad():
         floats = [empty if t is None else _as(t, torch.float32) for t in (q, k, v, beta, g, gate_rnn, gate_attn)]
-        o, new_state, length, score, routed = load_native().ham_step(
+        o, new_state, length, score, routed = native.load_native().ham_step(
             *floats, _as(rnn_state, torch.float32) if use_rnn else empty, keys, values, scores, times,
             _as(length, torch.long), _as(start, torch.bool), _as(episode_step, torch.long), float(threshold),
             int(capacity), empty if router_score is None else _as(router_score, torch.float32), bool(use_rnn),
@@ -136,7 +128,7 @@ def cpu_memory_step(
     empty = qkv.new_empty(0)
     with torch.no_grad():
         return tuple(
-            load_native().memory_step(
+            native.load_native().memory_step(
                 *(_as(t, torch.float32) for t in (qkv, local, gates, history, conv_weight, conv_bias, rnn_state)),
                 keys, values, scores, times, _as(length, torch.long), _as(start, torch.bool),
                 _as(episode_step, torch.long), float(threshold), int(capacity), _as(scale, torch.float32),

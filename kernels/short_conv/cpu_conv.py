@@ -7,9 +7,6 @@ dispatches to them for float32 CPU tensors. How they are built, and what runs wh
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -17,15 +14,7 @@ from torch.autograd.function import once_differentiable
 
 from ham_rl.kernels import native
 
-__all__ = ["SOURCE", "CpuShortConvFunction", "cpu_short_conv", "fits", "load_native"]
-
-SOURCE = Path(__file__).with_name("cpu_conv.cpp").resolve()
-
-
-def load_native() -> Any:
-    """``torch.ops.ham_rl`` with this kernel's ops loaded (``kernels/native.py``); ``RuntimeError`` saying why where it
-    cannot be built."""
-    return native.load_native(SOURCE)
+__all__ = ["CpuShortConvFunction", "cpu_short_conv", "fits"]
 
 
 def fits(*tensors: Tensor) -> bool:
@@ -39,7 +28,7 @@ class CpuShortConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, history, steps, weight, bias):
         x, history, steps, weight = x.contiguous(), history.contiguous(), steps.contiguous(), weight.contiguous()
-        pre, new_history = load_native().conv_forward(x, history, steps, weight, bias.contiguous())
+        pre, new_history = native.load_native().conv_forward(x, history, steps, weight, bias.contiguous())
         ctx.save_for_backward(pre, x, history, steps, weight)
         return F.silu(pre), new_history
 
@@ -48,7 +37,7 @@ class CpuShortConvFunction(torch.autograd.Function):
     def backward(ctx, dy, _dhistory_out):
         pre, x, history, steps, weight = ctx.saved_tensors
         dpre = torch.zeros_like(pre) if dy is None else torch.ops.aten.silu_backward(dy, pre).contiguous()
-        dx, dhistory, dweight, dbias = load_native().conv_backward(dpre, x, history, steps, weight)
+        dx, dhistory, dweight, dbias = native.load_native().conv_backward(dpre, x, history, steps, weight)
         return dx, dhistory, None, dweight, dbias
 
 
@@ -58,7 +47,7 @@ def cpu_short_conv(x: Tensor, history: Tensor, steps: Tensor, weight: Tensor, bi
         raise ValueError("the native short convolution takes float32 tensors; mixed precision runs short_conv's own")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, history, weight, bias)):
         return CpuShortConvFunction.apply(x, history, steps.long(), weight, bias)
-    pre, new_history = load_native().conv_forward(
+    pre, new_history = native.load_native().conv_forward(
         x.contiguous(), history.contiguous(), steps.long().contiguous(), weight.contiguous(), bias.contiguous()
     )
     return F.silu(pre), new_history

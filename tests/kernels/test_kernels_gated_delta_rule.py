@@ -12,7 +12,7 @@ from ham_rl.kernels import native
 from ham_rl.kernels.gated_delta_rule import cpu_recurrent as cpu_recurrent_module
 from ham_rl.kernels.gated_delta_rule import gated_delta_rule
 from ham_rl.kernels.gated_delta_rule import torch_chunk as torch_chunk_module
-from ham_rl.kernels.gated_delta_rule.cpu_recurrent import cpu_recurrent_gated_delta_rule, load_native
+from ham_rl.kernels.gated_delta_rule.cpu_recurrent import cpu_recurrent_gated_delta_rule
 from ham_rl.kernels.gated_delta_rule.naive_chunk import naive_chunk_gated_delta_rule
 from ham_rl.kernels.gated_delta_rule.reference import naive_recurrent_gated_delta_rule
 from ham_rl.kernels.gated_delta_rule.torch_chunk import torch_chunk_gated_delta_rule
@@ -210,13 +210,12 @@ def test_cpu_dispatch_rejects_an_unknown_kernel(monkeypatch):
 
 def test_cpu_dispatch_falls_back_to_the_chunked_form_where_the_native_kernel_cannot_build(monkeypatch):
     monkeypatch.setenv("HAM_RL_CPU_KERNEL", "native")
-    source = cpu_recurrent_module.SOURCE
-    monkeypatch.setattr(native, "_built", {})
-    monkeypatch.setattr(native, "_errors", {source: "could not build the native CPU kernels (no compiler)"})
-    monkeypatch.setattr(native, "_warned", set())
+    monkeypatch.setattr(native, "_ops", None)
+    monkeypatch.setattr(native, "_error", "could not build the native CPU kernels (no compiler)")
+    monkeypatch.setattr(native, "_warned", False)
     calls = _count_calls(monkeypatch, torch_chunk_module.TorchChunkGatedDeltaRuleFunction)
     xs, starts, h0 = _inputs(1, 12, 1, 8, 16, torch.float32, "inside", True)
-    with pytest.warns(UserWarning, match="no compiler.*running the PyTorch form"):
+    with pytest.warns(UserWarning, match="no compiler.*running the PyTorch forms"):
         got = _run(gated_delta_rule, xs, starts, h0, 1.0)
     assert calls == [1]
     ref = _run(naive_recurrent_gated_delta_rule, xs, starts, h0, 1.0)
@@ -269,7 +268,7 @@ def test_cpu_recurrent_keeps_one_state_per_block():
     assert sorted(tuple(t.shape) for t in kept) == sorted(
         [(2, 256, 2, 16)] * 3 + [(2, 256, 2)] * 2 + [(2, 256), (2, 2, 16, 16, 16)]
     )  # q, k, v; beta, g; starts; 256 / 16 states per (row, head)
-    _, _, _, checkpoints = load_native().gdr_forward(
+    _, _, _, checkpoints = native.load_native().gdr_forward(
         *(x.detach().contiguous() for x in xs), starts.to(torch.uint8), torch.empty(0), 1.0, 100
     )
     assert checkpoints.shape == (2, 2, 3, 16, 16)  # a short last block

@@ -162,6 +162,9 @@ def test_dispatcher_runs_the_native_step_on_cpu_without_grad(monkeypatch, choice
     monkeypatch.setenv("HAM_RL_BACKEND", "auto")
     monkeypatch.setenv("HAM_RL_CPU_KERNEL", choice)
     calls = _count_native_calls(monkeypatch)
+    checks = []
+    supports = cpu_step.supports
+    monkeypatch.setattr(cpu_step, "supports", lambda *a: checks.append(1) or supports(*a))
     args = list(_step_args())
     if grad:
         args[0] = args[0].clone().requires_grad_()  # a step that needs a gradient runs the reference, which has one
@@ -169,6 +172,7 @@ def test_dispatcher_runs_the_native_step_on_cpu_without_grad(monkeypatch, choice
         got = ops.ham_step(*args, 0.5, capacity=2)
     ref = reference_ham_step(*_step_args(), 0.5, capacity=2)
     assert len(calls) == native_calls
+    assert len(checks) == native_calls  # the layout is checked once a step, by the dispatcher, not again in the call
     for name, a, b in zip(("o", "state", "length", "score", "routed"), ref, got, strict=False):
         assert_close(name, a.float(), b.float(), 1e-5)
 
@@ -177,11 +181,11 @@ def test_dispatcher_runs_the_reference_where_the_native_step_cannot_build(monkey
     import ham_rl.kernels.ham_step as ops
 
     monkeypatch.setenv("HAM_RL_CPU_KERNEL", "native")
-    monkeypatch.setattr(native, "_built", {})
-    monkeypatch.setattr(native, "_errors", {cpu_step.SOURCE: "could not build the native CPU kernels (no ninja)"})
-    monkeypatch.setattr(native, "_warned", set())
+    monkeypatch.setattr(native, "_ops", None)
+    monkeypatch.setattr(native, "_error", "could not build the native CPU kernels (no ninja)")
+    monkeypatch.setattr(native, "_warned", False)
     calls = _count_native_calls(monkeypatch)
-    with pytest.warns(UserWarning, match="no ninja.*running the PyTorch form"), torch.no_grad():
+    with pytest.warns(UserWarning, match="no ninja.*running the PyTorch forms"), torch.no_grad():
         got = ops.ham_step(*_step_args(), 0.5)
     assert calls == []
     for name, a, b in zip(("o", "length"), reference_ham_step(*_step_args(), 0.5), got, strict=False):
