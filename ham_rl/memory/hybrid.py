@@ -481,8 +481,8 @@ class HybridMemory(Memory):
             x, rnn, history, *used, cache.length, start, steps, self.tau if compiled else float(self.tau)
         )
         if self.use_attention:
-            self._stored += routed.sum()
-            self._seen += B
+            self._stored.add_(routed.sum())  # in place: `+=` on a buffer also runs Module.__setattr__, every step
+            self._seen.add_(B)
             self.last_routing = (score.detach(), routed)
             cache = KVCache(cache.keys, cache.values, cache.scores, cache.times, length)
         else:

@@ -22,10 +22,102 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 namespace {
+
+typedef float Float16 __attribute__((vector_size(64)));
+typedef int32_t Int16 __attribute__((vector_size(64)));
+
+inline Float16 load16(const float* p) {  // memcpy: no alignment asked of torch's buffers
+  Float16 r;
+  std::memcpy(&r, p, sizeof(r));
+  return r;
+}
+
+inline void store16(float* p, const Float16& r) { std::memcpy(p, &r, sizeof(r)); }
+
+inline float sum16(const Float16& r) {  // a tree of halves, not 15 dependent scalar adds
+  typedef float Float8 __attribute__((vector_size(32)));
+  typedef float Float4 __attribute__((vector_size(16)));
+  Float8 lo, hi;
+  std::memcpy(&lo, &r, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&r) + sizeof(lo), sizeof(hi));
+  const Float8 s8 = lo + hi;
+  Float4 a, b;
+  std::memcpy(&a, &s8, sizeof(a));
+  std::memcpy(&b, reinterpret_cast<const char*>(&s8) + sizeof(a), sizeof(b));
+  const Float4 s4 = a + b;
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+// exp of 16 floats at once, where the step spends most of its time on scalar std::exp: Cephes' expf (2^n times a
+// degree-6 polynomial of the remainder on [-ln 2 / 2, ln 2 / 2]), within 2 ulp of std::exp. A NaN stays NaN; below
+// -87.3 it gives 0 (std::exp gives denormals there, under 1.2e-38), above 88.37 infinity.
+inline Float16 exp16(Float16 x) {
+  const Float16 hi = Float16{} + 88.3762626647949f, lo = Float16{} - 87.3365447504f;
+  const Float16 xc = x > hi ? hi : (x < lo ? lo : x);
+  const Float16 fx = xc * 1.44269504088896341f + 0.5f;
+  Int16 n = __builtin_convertvector(fx, Int16);  // truncation; floor below
+  n += __builtin_convertvector(n, Float16) > fx;  // a true comparison is -1
+  const Float16 nf = __builtin_convertvector(n, Float16);
+  const Float16 r = xc - nf * 0.693359375f + nf * 2.12194440e-4f;
+  Float16 y = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  Int16 bits;
+  std::memcpy(&bits, &y, sizeof(bits));
+  bits += (n << 23);
+  std::memcpy(&y, &bits, sizeof(y));
+  y = x < lo ? Float16{} : y;
+  y = x > hi ? Float16{} + std::numeric_limits<float>::infinity() : y;
+  return x == x ? y : x;
+}
+
+// dst[i] = exp(src[i]) for n values, 16 at a time; the tail through a padded vector (same function, same values).
+inline void exp_n(const float* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) store16(dst + i, exp16(load16(src + i)));
+  if (i < n) {
+    float tmp[16] = {};
+    std::copy(src + i, src + n, tmp);
+    const Float16 e = exp16(load16(tmp));
+    std::memcpy(dst + i, &e, (n - i) * sizeof(float));
+  }
+}
+
+// sum_i a[i] b[i]; 16 at a time where n is a multiple of 16 (heads of 16, 32, 64), else scalar.
+inline float dot(const float* a, const float* b, int64_t n) {
+  if (n % 16 == 0) {
+    Float16 acc = {};
+    for (int64_t i = 0; i < n; i += 16) acc += load16(a + i) * load16(b + i);
+    return sum16(acc);
+  }
+  float acc = 0.0f;
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+// out[0:V] = sum_l w[l] x[l * stride : l * stride + V]; blocks of 16 columns accumulate in a register (a row in
+// memory, reloaded every l, made the attention's readout most of the step's time).
+inline void weighted_sum(const float* w, const float* x, int64_t stride, int64_t n, int64_t V, float* out) {
+  if (V % 16 == 0) {
+    for (int64_t c = 0; c < V; c += 16) {
+      Float16 acc = {};
+      for (int64_t l = 0; l < n; ++l) acc += w[l] * load16(x + l * stride + c);
+      store16(out + c, acc);
+    }
+    return;
+  }
+  std::fill(out, out + V, 0.0f);
+  for (int64_t l = 0; l < n; ++l)
+    for (int64_t j = 0; j < V; ++j) out[j] += w[l] * x[l * stride + j];
+}
 
 // NaN-propagating min and max, as torch's amin/amax (a NaN anywhere gives NaN).
 inline float nan_min(float a, float b) { return (std::isnan(a) || a < b) ? a : b; }
@@ -49,8 +141,8 @@ struct Step {
 };
 
 struct Scratch {
-  std::vector<float> vh, u, logits;
-  explicit Scratch(const Step& s) : vh(s.V), u(s.V), logits(s.L + 1) {}
+  std::vector<float> vh, u, logits, local_exp;  // local_exp: the local path's exp(-pre), memory_step only
+  explicit Scratch(const Step& s, int64_t n = 0) : vh(s.V), u(s.V), logits(s.L + 1), local_exp(n) {}
 };
 
 // One env's step: q, k [H, K], v [H, V] and the per-head scalars of env b; writes o [H, V] (the gated sum) and returns
@@ -76,25 +168,51 @@ void env_step(const Step& s, Scratch& w, int64_t b, const float* q, const float*
         std::copy(s.state + (b * H + h) * KV, s.state + (b * H + h + 1) * KV, S);
       }
       const float a = std::exp(g[h]), bt = beta[h];
-      std::fill(vh, vh + V, 0.0f);
-      for (int64_t i = 0; i < K; ++i)
-        for (int64_t j = 0; j < V; ++j) vh[j] += kt[i] * S[i * V + j];
       float dot = 0.0f, n_vh = 0.0f, n_v = 0.0f;
-      for (int64_t j = 0; j < V; ++j) {
-        vh[j] *= a;
-        u[j] = bt * (vt[j] - vh[j]);
-        dot += vh[j] * vt[j];
-        n_vh += vh[j] * vh[j];
-        n_v += vt[j] * vt[j];
-        err2 += (vt[j] - vh[j]) * (vt[j] - vh[j]);
-      }
       float* __restrict__ ot = o + h * V;
-      for (int64_t i = 0; i < K; ++i)
-        for (int64_t j = 0; j < V; ++j) {
-          S[i * V + j] = a * S[i * V + j] + kt[i] * u[j];
-          ot[j] += qt[i] * S[i * V + j];
+      if (V % 16 == 0) {
+        // Columns are independent in the delta rule but for the four sums, so each block of 16 columns runs from
+        // registers: its prediction, its write and its readout, with no store and reload of a partial row.
+        Float16 dv = {}, nhv = {}, nvv = {}, ev = {};
+        for (int64_t c = 0; c < V; c += 16) {
+          Float16 acc = {};
+          for (int64_t i = 0; i < K; ++i) acc += kt[i] * load16(S + i * V + c);
+          const Float16 vhc = a * acc, vc = load16(vt + c), diff = vc - vhc, uc = bt * diff;
+          dv += vhc * vc;
+          nhv += vhc * vhc;
+          nvv += vc * vc;
+          ev += diff * diff;
+          Float16 oc = {};
+          for (int64_t i = 0; i < K; ++i) {
+            const Float16 row = a * load16(S + i * V + c) + kt[i] * uc;
+            store16(S + i * V + c, row);
+            oc += qt[i] * row;
+          }
+          store16(ot + c, gate_rnn[h] * oc);
         }
-      for (int64_t j = 0; j < V; ++j) ot[j] *= gate_rnn[h];
+        dot = sum16(dv);
+        n_vh = sum16(nhv);
+        n_v = sum16(nvv);
+        err2 += sum16(ev);
+      } else {
+        std::fill(vh, vh + V, 0.0f);
+        for (int64_t i = 0; i < K; ++i)
+          for (int64_t j = 0; j < V; ++j) vh[j] += kt[i] * S[i * V + j];
+        for (int64_t j = 0; j < V; ++j) {
+          vh[j] *= a;
+          u[j] = bt * (vt[j] - vh[j]);
+          dot += vh[j] * vt[j];
+          n_vh += vh[j] * vh[j];
+          n_v += vt[j] * vt[j];
+          err2 += (vt[j] - vh[j]) * (vt[j] - vh[j]);
+        }
+        for (int64_t i = 0; i < K; ++i)
+          for (int64_t j = 0; j < V; ++j) {
+            S[i * V + j] = a * S[i * V + j] + kt[i] * u[j];
+            ot[j] += qt[i] * S[i * V + j];
+          }
+        for (int64_t j = 0; j < V; ++j) ot[j] *= gate_rnn[h];
+      }
       const float eps = 1e-8f;
       const float c = 1.0f - dot / (std::max(std::sqrt(n_vh), eps) * std::max(std::sqrt(n_v), eps));
       cos_min = h == 0 ? c : nan_min(cos_min, c);
@@ -136,28 +254,24 @@ void env_step(const Step& s, Scratch& w, int64_t b, const float* q, const float*
       const float* qt = q + h * K;
       const float* sink = s.sink ? s.sink + b * H + h : nullptr;
       float m = -inf;
+      float* logits = w.logits.data();
       for (int64_t l = 0; l < len; ++l) {
-        const float* kl = keys + (l * H + h) * K;
-        float dot = 0.0f;
-        for (int64_t i = 0; i < K; ++i) dot += kl[i] * qt[i];
-        w.logits[l] = dot * s.scale[h];
-        m = nan_max(m, w.logits[l]);
+        logits[l] = dot(keys + (l * H + h) * K, qt, K) * s.scale[h];
+        m = nan_max(m, logits[l]);
       }
       if (sink) m = nan_max(m, *sink);
       if (len == 0 && !sink) continue;  // nothing to read: o_kv = 0
       m = std::max(m, -1e30f);  // masked_softmax's floor; a NaN stays NaN and makes every weight NaN, as there
-      float total = sink ? std::exp(*sink - m) : 0.0f;
-      for (int64_t l = 0; l < len; ++l) {
-        w.logits[l] = std::exp(w.logits[l] - m);
-        total += w.logits[l];
-      }
+      // The sink's logit rides in slot len, so one vector exp covers it with the entries.
+      const int64_t n = len + (sink ? 1 : 0);
+      if (sink) logits[len] = *sink;
+      for (int64_t l = 0; l < n; ++l) logits[l] -= m;
+      exp_n(logits, logits, n);
+      float total = 0.0f;
+      for (int64_t l = 0; l < n; ++l) total += logits[l];
       total = std::max(total, 1e-30f);
-      std::fill(w.vh.begin(), w.vh.end(), 0.0f);
-      for (int64_t l = 0; l < len; ++l) {
-        const float wl = w.logits[l] / total;
-        const float* vl = values + (l * H + h) * V;
-        for (int64_t j = 0; j < V; ++j) w.vh[j] += wl * vl[j];
-      }
+      for (int64_t l = 0; l < len; ++l) logits[l] /= total;
+      weighted_sum(logits, values + h * V, H * V, len, V, w.vh.data());
       float* ot = o + h * V;
       for (int64_t j = 0; j < V; ++j) ot[j] += gate_attn[h] * w.vh[j];
     }
@@ -180,7 +294,6 @@ Step make_step(const at::Tensor& q, const at::Tensor& v, const at::Tensor& state
               use_attention, score_kind};
 }
 
-inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }  // torch's threshold of 20
 
 // x / max(||x||, 1e-12), as l2norm.py, from src into dst (n values).
@@ -259,8 +372,8 @@ std::vector<at::Tensor> memory_step(at::Tensor qkv, at::Tensor local, at::Tensor
   bool* routed_p = routed_out.data_ptr<bool>();
   const float eps = static_cast<float>(norm_eps);
   at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
-    Scratch w(s);
-    std::vector<float> gv(5 * H), o(HD);
+    Scratch w(s, HD);
+    std::vector<float> gv(5 * H), o(HD), pre(HD);
     for (int64_t b = begin; b < end; ++b) {
       const float* xq = qkv_p + b * 3 * HD;
       for (int64_t h = 0; h < H; ++h) {
@@ -269,7 +382,9 @@ std::vector<at::Tensor> memory_step(at::Tensor qkv, at::Tensor local, at::Tensor
       }
       const float* z = z_p + b * 5 * H;
       for (int64_t h = 0; h < H; ++h) gv[h] = -softplus(z[h]);
-      for (int64_t i = H; i < 5 * H; ++i) gv[i] = sigmoid(z[i]);
+      for (int64_t i = H; i < 5 * H; ++i) gv[i] = -z[i];
+      exp_n(gv.data() + H, gv.data() + H, 4 * H);
+      for (int64_t i = H; i < 5 * H; ++i) gv[i] = 1.0f / (1.0f + gv[i]);  // sigmoid(z) = 1 / (1 + exp(-z))
       // gv: [0, H) log decay, then beta, RNN gate, attention gate, local gate
       env_step(s, w, b, q_p + b * HD, k_p + b * HD, xq + 2 * HD, gv.data() + H, gv.data(), gv.data() + 2 * H,
                gv.data() + 3 * H, len_p[b], start_p[b], step_p[b], o.data(), nl_p[b], score_p[b], routed_p[b]);
@@ -278,12 +393,14 @@ std::vector<at::Tensor> memory_step(at::Tensor qkv, at::Tensor local, at::Tensor
       const float* xl = loc_p + b * HD;
       const float* hist = hist_p + b * (C - 1) * HD;
       const int64_t t = step_p[b];
-      for (int64_t c = 0; c < HD; ++c) {
-        float pre = cb[c] + xl[c] * cw[c];
-        for (int64_t j = 1; j < C; ++j)
-          if (t >= j) pre += hist[(C - 1 - j) * HD + c] * cw[j * HD + c];
-        o[c] += gv[4 * H + c / D] * (pre / (1.0f + std::exp(-pre)));
+      for (int64_t c = 0; c < HD; ++c) pre[c] = cb[c] + xl[c] * cw[c];
+      for (int64_t j = 1; j < C && j <= t; ++j) {
+        const float *xj = hist + (C - 1 - j) * HD, *wj = cw + j * HD;
+        for (int64_t c = 0; c < HD; ++c) pre[c] += xj[c] * wj[c];
       }
+      for (int64_t c = 0; c < HD; ++c) w.local_exp[c] = -pre[c];
+      exp_n(w.local_exp.data(), w.local_exp.data(), HD);
+      for (int64_t c = 0; c < HD; ++c) o[c] += gv[4 * H + c / D] * (pre[c] / (1.0f + w.local_exp[c]));
       float* nh = nh_p + b * (C - 1) * HD;
       for (int64_t r = 0; r + 1 < C - 1; ++r) std::copy(hist + (r + 1) * HD, hist + (r + 2) * HD, nh + r * HD);
       if (C > 1) std::copy(xl, xl + HD, nh + (C - 2) * HD);
