@@ -20,30 +20,11 @@
 #include <cstring>
 #include <vector>
 
+#include "../vec16.h"
+
 namespace {
 
-typedef float Float16 __attribute__((vector_size(64)));
-typedef float Float8 __attribute__((vector_size(32)));
-typedef float Float4 __attribute__((vector_size(16)));
-
-// Rows of 16 floats as one GCC vector: loads and stores through memcpy (no alignment asked of torch's buffers).
-inline Float16 load16(const float* p) {
-  Float16 r;
-  std::memcpy(&r, p, sizeof(r));
-  return r;
-}
-
-inline float sum16(const Float16& r) {  // a tree of halves: 3 vector adds and 3 scalar ones, not 15 scalar adds
-  Float8 lo, hi;
-  std::memcpy(&lo, &r, sizeof(lo));
-  std::memcpy(&hi, reinterpret_cast<const char*>(&r) + sizeof(lo), sizeof(hi));
-  const Float8 s8 = lo + hi;
-  Float4 a, b;
-  std::memcpy(&a, &s8, sizeof(a));
-  std::memcpy(&b, reinterpret_cast<const char*>(&s8) + sizeof(a), sizeof(b));
-  const Float4 s4 = a + b;
-  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
-}
+using namespace ham_rl_vec;
 
 // A row of V = 16 R floats (a row of a head's state, or a value): R vectors, with the arithmetic the loops need.
 template <int R>
@@ -91,6 +72,23 @@ template <int R>
 inline Row<R>& operator+=(Row<R>& a, const Row<R>& b) {
   for (int i = 0; i < R; ++i) a.x[i] += b.x[i];
   return a;
+}
+
+// out[i] = <rows[i], x> for the K rows of a head's state: 16 rows at a time through transpose_sum16 where K allows.
+template <int R>
+inline void row_dots(const Row<R>* rows, const Row<R>& x, int64_t K, float* out) {
+  int64_t i0 = 0;
+  for (; i0 + 16 <= K; i0 += 16) {
+    Float16 p[16];
+    for (int j = 0; j < 16; ++j) {
+      Float16 s = rows[i0 + j].x[0] * x.x[0];
+      for (int r = 1; r < R; ++r) s += rows[i0 + j].x[r] * x.x[r];
+      p[j] = s;
+    }
+    const Float16 sums = transpose_sum16(p);
+    std::memcpy(out + i0, &sums, sizeof(sums));
+  }
+  for (int64_t i = i0; i < K; ++i) out[i] = (rows[i] * x).sum();
 }
 
 struct Dims {
@@ -143,6 +141,7 @@ void backward_vec(const Dims& d, const float* q, const float* k, const float* v,
   const int64_t K = d.K, V = 16 * R, KV = K * V;
   at::parallel_for(0, d.B * d.H, 1, [&](int64_t begin, int64_t end) {
     std::vector<Row<R>> states(d.block * K), dS(K);
+    std::vector<float> dots(K);  // one set of K row dot products at a time
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / d.H, h = bh % d.H;
       for (int64_t i = 0; i < K; ++i) dS[i] = d_final ? Row<R>::load(d_final + bh * KV + i * V) : Row<R>();
@@ -180,8 +179,9 @@ void backward_vec(const Dims& d, const float* q, const float* k, const float* v,
             const Row<R> dot = Row<R>::load(d_o + tok * V);
             const float* qt = q + tok * K;
             const float udo = (u * dot).sum();
+            row_dots(S0, dot, K, dots.data());
             for (int64_t i = 0; i < K; ++i) {
-              dqt[i] = scale * (a * (S0[i] * dot).sum() + kt[i] * udo);
+              dqt[i] = scale * (a * dots[i] + kt[i] * udo);
               dS[i] += (scale * qt[i]) * dot;
             }
           } else {
@@ -193,16 +193,17 @@ void backward_vec(const Dims& d, const float* q, const float* k, const float* v,
           for (int64_t i = 0; i < K; ++i) {
             du += kt[i] * dS[i];
             daV += S0[i] * dS[i];
-            dkt[i] = (dS[i] * u).sum();
           }
+          row_dots(dS.data(), u, K, dkt);
           // u = beta (v - v_hat), v_hat = a S0^T k
           const Row<R> de = bt * du;
           de.store(dv + tok * V);
           const Row<R> dvh = (d_vhat ? Row<R>::load(d_vhat + tok * V) : Row<R>()) - de;
           dbeta[tok] = (e * du).sum();
           daV += dvh * kS;
+          row_dots(S0, dvh, K, dots.data());
           for (int64_t i = 0; i < K; ++i) {
-            dkt[i] += a * (S0[i] * dvh).sum();
+            dkt[i] += a * dots[i];
             dS[i] = a * (dS[i] + kt[i] * dvh);
           }
           dg[tok] = daV.sum() * a;

@@ -26,58 +26,11 @@
 #include <limits>
 #include <vector>
 
+#include "../vec16.h"
+
 namespace {
 
-typedef float Float16 __attribute__((vector_size(64)));
-typedef int32_t Int16 __attribute__((vector_size(64)));
-
-inline Float16 load16(const float* p) {  // memcpy: no alignment asked of torch's buffers
-  Float16 r;
-  std::memcpy(&r, p, sizeof(r));
-  return r;
-}
-
-inline void store16(float* p, const Float16& r) { std::memcpy(p, &r, sizeof(r)); }
-
-inline float sum16(const Float16& r) {  // a tree of halves, not 15 dependent scalar adds
-  typedef float Float8 __attribute__((vector_size(32)));
-  typedef float Float4 __attribute__((vector_size(16)));
-  Float8 lo, hi;
-  std::memcpy(&lo, &r, sizeof(lo));
-  std::memcpy(&hi, reinterpret_cast<const char*>(&r) + sizeof(lo), sizeof(hi));
-  const Float8 s8 = lo + hi;
-  Float4 a, b;
-  std::memcpy(&a, &s8, sizeof(a));
-  std::memcpy(&b, reinterpret_cast<const char*>(&s8) + sizeof(a), sizeof(b));
-  const Float4 s4 = a + b;
-  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
-}
-
-// exp of 16 floats at once, where the step spends most of its time on scalar std::exp: Cephes' expf (2^n times a
-// degree-6 polynomial of the remainder on [-ln 2 / 2, ln 2 / 2]), within 2 ulp of std::exp. A NaN stays NaN; below
-// -87.3 it gives 0 (std::exp gives denormals there, under 1.2e-38), above 88.37 infinity.
-inline Float16 exp16(Float16 x) {
-  const Float16 hi = Float16{} + 88.3762626647949f, lo = Float16{} - 87.3365447504f;
-  const Float16 xc = x > hi ? hi : (x < lo ? lo : x);
-  const Float16 fx = xc * 1.44269504088896341f + 0.5f;
-  Int16 n = __builtin_convertvector(fx, Int16);  // truncation; floor below
-  n += __builtin_convertvector(n, Float16) > fx;  // a true comparison is -1
-  const Float16 nf = __builtin_convertvector(n, Float16);
-  const Float16 r = xc - nf * 0.693359375f + nf * 2.12194440e-4f;
-  Float16 y = 1.9875691500e-4f * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.0f;
-  Int16 bits;
-  std::memcpy(&bits, &y, sizeof(bits));
-  bits += (n << 23);
-  std::memcpy(&y, &bits, sizeof(y));
-  y = x < lo ? Float16{} : y;
-  y = x > hi ? Float16{} + std::numeric_limits<float>::infinity() : y;
-  return x == x ? y : x;
-}
+using namespace ham_rl_vec;
 
 // dst[i] = exp(src[i]) for n values, 16 at a time; the tail through a padded vector (same function, same values).
 inline void exp_n(const float* src, float* dst, int64_t n) {
@@ -101,6 +54,25 @@ inline float dot(const float* a, const float* b, int64_t n) {
   float acc = 0.0f;
   for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
   return acc;
+}
+
+// out[l] = <x[l * stride : l * stride + K], q> for l < n (a head's logits over the env's cache entries): blocks of 16
+// entries through transpose_sum16 where K is a multiple of 16.
+inline void entry_dots(const float* x, int64_t stride, const float* q, int64_t K, int64_t n, float* out) {
+  int64_t l0 = 0;
+  if (K % 16 == 0) {
+    for (; l0 + 16 <= n; l0 += 16) {
+      Float16 p[16];
+      for (int j = 0; j < 16; ++j) {
+        const float* xl = x + (l0 + j) * stride;
+        Float16 acc = load16(xl) * load16(q);
+        for (int64_t c = 16; c < K; c += 16) acc += load16(xl + c) * load16(q + c);
+        p[j] = acc;
+      }
+      store16(out + l0, transpose_sum16(p));
+    }
+  }
+  for (int64_t l = l0; l < n; ++l) out[l] = dot(x + l * stride, q, K);
 }
 
 // out[0:V] = sum_l w[l] x[l * stride : l * stride + V]; blocks of 16 columns accumulate in a register (a row in
@@ -255,8 +227,9 @@ void env_step(const Step& s, Scratch& w, int64_t b, const float* q, const float*
       const float* sink = s.sink ? s.sink + b * H + h : nullptr;
       float m = -inf;
       float* logits = w.logits.data();
+      entry_dots(keys + h * K, H * K, qt, K, len, logits);
       for (int64_t l = 0; l < len; ++l) {
-        logits[l] = dot(keys + (l * H + h) * K, qt, K) * s.scale[h];
+        logits[l] *= s.scale[h];
         m = nan_max(m, logits[l]);
       }
       if (sink) m = nan_max(m, *sink);

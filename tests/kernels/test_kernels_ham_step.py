@@ -39,6 +39,9 @@ NATIVE_CASES = [c for c in CASES if c.values[6] == torch.float32] + [
     pytest.param(16, 4, 16, 16, 0, 9, torch.float32, "error", id="B16-H4-D16-unbounded-error-score"),
     pytest.param(16, 2, 16, 16, 3, 8, torch.float32, "sink", id="B16-H2-D16-cap3-sink-per-head-scale"),
     pytest.param(8, 2, 16, 32, 0, 6, torch.float32, "strided", id="B8-H2-K16-V32-unbounded-strided-cache"),
+    # caches past 16 entries: the logits run in blocks of 16 entries, then a tail
+    pytest.param(8, 2, 16, 16, 0, 40, torch.float32, "long", id="B8-H2-D16-unbounded-40-entries"),
+    pytest.param(4, 2, 32, 16, 0, 36, torch.float32, "long", id="B4-H2-K32-V16-unbounded-36-entries"),
 ]
 
 
@@ -73,13 +76,13 @@ def _compare_with_reference(step_fn, B, H, K, V, capacity, steps, dtype, mode):
     use_rnn = mode != "router-ties"
     use_attention = mode != "gdn"
     scale = torch.tensor([0.5, 0.25])[:H] if mode in ("router-ties", "sink") else None
-    threshold = {"surprise": 0.95, "error": 1.0, "sink": 0.9}.get(mode, 0.3)
+    threshold = {"surprise": 0.95, "error": 1.0, "sink": 0.9, "long": 0.0}.get(mode, 0.3)
     score_kind = "error" if mode == "error" else "cosine"
     sink = torch.randn(B, H, generator=gen) if mode == "sink" else None
     saw = {"evict": False, "empty": False, "reject": False}
     for t in range(steps):
         x = _inputs(B, H, K, V, dtype, gen)
-        start = torch.rand(B, generator=gen) < 0.15
+        start = torch.rand(B, generator=gen) < (0.02 if mode == "long" else 0.15)
         if t == 0:
             start[: B // 2] = True
         episode_step = torch.where(start, 0, episode_step + 1)
@@ -109,10 +112,13 @@ def _compare_with_reference(step_fn, B, H, K, V, capacity, steps, dtype, mode):
             full = length["ref"] * (~start) >= capacity
             saw["evict"] |= bool((full & m_r).any())
         saw["empty"] |= bool((n_r == 0).any())
+        saw["long"] = max(saw.get("long", 0), int(n_r.max()))
         state = {"ref": s_r, "tri": s_t}
         length = {"ref": n_r, "tri": n_t}
     if mode in ("surprise", "sink") and capacity:
         assert saw["evict"] and saw["empty"], f"the case did not exercise eviction and empty caches: {saw}"
+    if mode == "long":
+        assert saw["long"] > 32, f"the longest cache held {saw['long']} entries: no block of 16 and tail"
     if mode in ("error", "strided"):
         assert 0 < int(length["ref"].sum()) < B * steps, "the case routed every step or none"
 
