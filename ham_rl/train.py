@@ -461,7 +461,11 @@ def train(cfg: DictConfig) -> dict:
                 pbar.close()
                 if rank == 0:
                     print(f"stopped after {updates_here} updates at step {ppo.global_step}; continue with resume={run_dir}")
+                if dp is not None:
+                    dp.barrier()  # every rank done with its last checkpoint before any leaves the process group
                 return {"global_step": ppo.global_step, "stopped": True}
+        if dp is not None:
+            dp.barrier()  # as above: rank 0 may still be writing when the others reach the end
     # Wherever the signal lands (in an update, logging, or a checkpoint write, which leaves the old file whole), the
     # last complete checkpoint is the state to continue from: a half-done update is not one.
     except _Terminated:
