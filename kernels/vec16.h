@@ -51,6 +51,37 @@ inline Float16 transpose_sum16(const Float16* p) {
   return __builtin_shuffle(c[0], c[1], lo4) + __builtin_shuffle(c[0], c[1], lo4 + 1);
 }
 
+// sum_i a[i] b[i]; 16 at a time where n is a multiple of 16 (heads of 16, 32, 64), else scalar.
+inline float dot(const float* a, const float* b, int64_t n) {
+  if (n % 16 == 0) {
+    Float16 acc = {};
+    for (int64_t i = 0; i < n; i += 16) acc += load16(a + i) * load16(b + i);
+    return sum16(acc);
+  }
+  float acc = 0.0f;
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+// out[l] = <x[l * stride : l * stride + K], q> for l < n (a head's logits over its cache entries, the rows of a state
+// against a vector): blocks of 16 rows through transpose_sum16 where K is a multiple of 16.
+inline void strided_dots(const float* x, int64_t stride, const float* q, int64_t K, int64_t n, float* out) {
+  int64_t l0 = 0;
+  if (K % 16 == 0) {
+    for (; l0 + 16 <= n; l0 += 16) {
+      Float16 p[16];
+      for (int j = 0; j < 16; ++j) {
+        const float* xl = x + (l0 + j) * stride;
+        Float16 acc = load16(xl) * load16(q);
+        for (int64_t c = 16; c < K; c += 16) acc += load16(xl + c) * load16(q + c);
+        p[j] = acc;
+      }
+      store16(out + l0, transpose_sum16(p));
+    }
+  }
+  for (int64_t l = l0; l < n; ++l) out[l] = dot(x + l * stride, q, K);
+}
+
 // exp of 16 floats at once: Cephes' expf (2^n times a degree-6 polynomial of the remainder on [-ln 2 / 2, ln 2 / 2]),
 // within 2 ulp of std::exp. A NaN stays NaN; below -87.3 it gives 0 (std::exp gives denormals there, under 1.2e-38),
 // above 88.37 infinity.

@@ -74,21 +74,10 @@ inline Row<R>& operator+=(Row<R>& a, const Row<R>& b) {
   return a;
 }
 
-// out[i] = <rows[i], x> for the K rows of a head's state: 16 rows at a time through transpose_sum16 where K allows.
+// out[i] = <rows[i], x> for the K rows of a head's state (rows of V = 16 R floats, one after another).
 template <int R>
 inline void row_dots(const Row<R>* rows, const Row<R>& x, int64_t K, float* out) {
-  int64_t i0 = 0;
-  for (; i0 + 16 <= K; i0 += 16) {
-    Float16 p[16];
-    for (int j = 0; j < 16; ++j) {
-      Float16 s = rows[i0 + j].x[0] * x.x[0];
-      for (int r = 1; r < R; ++r) s += rows[i0 + j].x[r] * x.x[r];
-      p[j] = s;
-    }
-    const Float16 sums = transpose_sum16(p);
-    std::memcpy(out + i0, &sums, sizeof(sums));
-  }
-  for (int64_t i = i0; i < K; ++i) out[i] = (rows[i] * x).sum();
+  strided_dots(reinterpret_cast<const float*>(rows), 16 * R, reinterpret_cast<const float*>(x.x), 16 * R, K, out);
 }
 
 struct Dims {

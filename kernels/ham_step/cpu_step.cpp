@@ -44,37 +44,6 @@ inline void exp_n(const float* src, float* dst, int64_t n) {
   }
 }
 
-// sum_i a[i] b[i]; 16 at a time where n is a multiple of 16 (heads of 16, 32, 64), else scalar.
-inline float dot(const float* a, const float* b, int64_t n) {
-  if (n % 16 == 0) {
-    Float16 acc = {};
-    for (int64_t i = 0; i < n; i += 16) acc += load16(a + i) * load16(b + i);
-    return sum16(acc);
-  }
-  float acc = 0.0f;
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
-
-// out[l] = <x[l * stride : l * stride + K], q> for l < n (a head's logits over the env's cache entries): blocks of 16
-// entries through transpose_sum16 where K is a multiple of 16.
-inline void entry_dots(const float* x, int64_t stride, const float* q, int64_t K, int64_t n, float* out) {
-  int64_t l0 = 0;
-  if (K % 16 == 0) {
-    for (; l0 + 16 <= n; l0 += 16) {
-      Float16 p[16];
-      for (int j = 0; j < 16; ++j) {
-        const float* xl = x + (l0 + j) * stride;
-        Float16 acc = load16(xl) * load16(q);
-        for (int64_t c = 16; c < K; c += 16) acc += load16(xl + c) * load16(q + c);
-        p[j] = acc;
-      }
-      store16(out + l0, transpose_sum16(p));
-    }
-  }
-  for (int64_t l = l0; l < n; ++l) out[l] = dot(x + l * stride, q, K);
-}
-
 // out[0:V] = sum_l w[l] x[l * stride : l * stride + V]; blocks of 16 columns accumulate in a register (a row in
 // memory, reloaded every l, made the attention's readout most of the step's time).
 inline void weighted_sum(const float* w, const float* x, int64_t stride, int64_t n, int64_t V, float* out) {
@@ -113,8 +82,8 @@ struct Step {
 };
 
 struct Scratch {
-  std::vector<float> vh, u, logits, local_exp;  // local_exp: the local path's exp(-pre), memory_step only
-  explicit Scratch(const Step& s, int64_t n = 0) : vh(s.V), u(s.V), logits(s.L + 1), local_exp(n) {}
+  std::vector<float> vh, u, logits;
+  explicit Scratch(const Step& s) : vh(s.V), u(s.V), logits(s.L + 1) {}
 };
 
 // One env's step: q, k [H, K], v [H, V] and the per-head scalars of env b; writes o [H, V] (the gated sum) and returns
@@ -227,7 +196,7 @@ void env_step(const Step& s, Scratch& w, int64_t b, const float* q, const float*
       const float* sink = s.sink ? s.sink + b * H + h : nullptr;
       float m = -inf;
       float* logits = w.logits.data();
-      entry_dots(keys + h * K, H * K, qt, K, len, logits);
+      strided_dots(keys + h * K, H * K, qt, K, len, logits);
       for (int64_t l = 0; l < len; ++l) {
         logits[l] *= s.scale[h];
         m = nan_max(m, logits[l]);
@@ -345,8 +314,8 @@ std::vector<at::Tensor> memory_step(at::Tensor qkv, at::Tensor local, at::Tensor
   bool* routed_p = routed_out.data_ptr<bool>();
   const float eps = static_cast<float>(norm_eps);
   at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
-    Scratch w(s, HD);
-    std::vector<float> gv(5 * H), o(HD), pre(HD);
+    Scratch w(s);
+    std::vector<float> gv(5 * H), o(HD), pre(HD), silu_exp(HD);  // silu_exp: exp(-pre) of the local path
     for (int64_t b = begin; b < end; ++b) {
       const float* xq = qkv_p + b * 3 * HD;
       for (int64_t h = 0; h < H; ++h) {
@@ -371,9 +340,9 @@ std::vector<at::Tensor> memory_step(at::Tensor qkv, at::Tensor local, at::Tensor
         const float *xj = hist + (C - 1 - j) * HD, *wj = cw + j * HD;
         for (int64_t c = 0; c < HD; ++c) pre[c] += xj[c] * wj[c];
       }
-      for (int64_t c = 0; c < HD; ++c) w.local_exp[c] = -pre[c];
-      exp_n(w.local_exp.data(), w.local_exp.data(), HD);
-      for (int64_t c = 0; c < HD; ++c) o[c] += gv[4 * H + c / D] * (pre[c] / (1.0f + w.local_exp[c]));
+      for (int64_t c = 0; c < HD; ++c) silu_exp[c] = -pre[c];
+      exp_n(silu_exp.data(), silu_exp.data(), HD);
+      for (int64_t c = 0; c < HD; ++c) o[c] += gv[4 * H + c / D] * (pre[c] / (1.0f + silu_exp[c]));
       float* nh = nh_p + b * (C - 1) * HD;
       for (int64_t r = 0; r + 1 < C - 1; ++r) std::copy(hist + (r + 1) * HD, hist + (r + 2) * HD, nh + r * HD);
       if (C > 1) std::copy(xl, xl + HD, nh + (C - 2) * HD);
