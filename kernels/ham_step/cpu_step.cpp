@@ -3,7 +3,7 @@
 //
 // ham_step: reference.py's ham_step (some 50 small torch ops a step) as one loop over envs. Per env: reset on a start
 // flag; per head the gated delta-rule step (v_hat, the write, the RNN readout); the surprise score (cosine: min over
-// heads of 1 - cos(v_hat, v); error: the RMS of v - v_hat over all heads), or the given router score; routed =
+// heads of 1 - cos(v_hat, v); error: the RMS of v - v_hat over all heads; relative: |v - v_hat| / |v| over all heads), or the given router score; routed =
 // score >= tau; the slot (append, or at capacity evict the lowest score, ties to the oldest, unless the new score is
 // lower than all); the write into the cache, in place; softmax attention over the env's cached entries (and the null
 // entry, with a sink); the two gates.
@@ -78,7 +78,7 @@ struct Step {
   float tau;
   int64_t capacity;
   bool use_rnn, use_attention;
-  int64_t score_kind;  // 0 cosine, 1 error
+  int64_t score_kind;  // 0 cosine, 1 error, 2 relative
 };
 
 struct Scratch {
@@ -97,7 +97,7 @@ void env_step(const Step& s, Scratch& w, int64_t b, const float* q, const float*
   float score = 1.0f;
   std::fill(o, o + H * V, 0.0f);
   if (s.use_rnn) {
-    float cos_min = 0.0f, err2 = 0.0f;
+    float cos_min = 0.0f, err2 = 0.0f, v2 = 0.0f;
     float* __restrict__ vh = w.vh.data();  // restrict: these never alias S, so the loops over j vectorise
     float* __restrict__ u = w.u.data();
     for (int64_t h = 0; h < H; ++h) {
@@ -154,11 +154,18 @@ void env_step(const Step& s, Scratch& w, int64_t b, const float* q, const float*
           }
         for (int64_t j = 0; j < V; ++j) ot[j] *= gate_rnn[h];
       }
+      v2 += n_v;
       const float eps = 1e-8f;
       const float c = 1.0f - dot / (std::max(std::sqrt(n_vh), eps) * std::max(std::sqrt(n_v), eps));
       cos_min = h == 0 ? c : nan_min(cos_min, c);
     }
-    score = s.score_kind == 1 ? std::sqrt(err2 / static_cast<float>(H * V)) : cos_min;
+    if (s.score_kind == 1) {
+      score = std::sqrt(err2 / static_cast<float>(H * V));
+    } else if (s.score_kind == 2) {  // relative: |v - v_hat| / max(|v|, eps) over all heads, as the reference
+      score = std::sqrt(err2) / std::max(std::sqrt(v2), 1e-8f);
+    } else {
+      score = cos_min;
+    }
   }
   if (s.router) score = s.router[b];
   const bool routed = score >= s.tau;

@@ -17,7 +17,7 @@ from ham_rl.kernels.native import as_contiguous as _as
 
 __all__ = ["cpu_ham_step", "cpu_memory_step", "supports"]
 
-_SCORE_KINDS = {"cosine": 0, "error": 1}
+_SCORE_KINDS = {"cosine": 0, "error": 1, "relative": 2}
 
 
 def _rows_strided_only(t: Tensor) -> bool:

@@ -23,7 +23,7 @@ __all__ = ["SCORES", "ham_step", "surprise_score", "choose_slot"]
 
 
 #: how the surprise router scores a token from the RNN's prediction (``surprise_score``)
-SCORES = ("cosine", "error")
+SCORES = ("cosine", "error", "relative")
 
 
 def surprise_score(v_hat: Tensor, v: Tensor, kind: str = "cosine") -> Tensor:
@@ -32,11 +32,15 @@ def surprise_score(v_hat: Tensor, v: Tensor, kind: str = "cosine") -> Tensor:
     ``cosine``: ``min_h (1 - cos(v_hat_h, v_h))``, scale-free; a zero prediction gives 1 (the spec's score).
     ``error``: ``||v - v_hat|| / sqrt(H V)`` over all heads, the RMS prediction error: it keeps the value's scale,
     which training raises for the steps the agent needs and lowers for those it ignores (docs/ham.md).
+    ``relative``: ``||v - v_hat|| / max(||v||, eps)`` over all heads: the error's share of the value, which a value that
+    training shrinks keeps (a step never seen in the episode scores about 1, a predicted one about 0).
     """
     acc = accumulation_dtype(v.dtype)
     v_hat, v = v_hat.to(acc), v.to(acc)
     if kind == "error":
         return (v - v_hat).square().mean((-2, -1)).sqrt()
+    if kind == "relative":
+        return (v - v_hat).square().sum((-2, -1)).sqrt() / v.square().sum((-2, -1)).sqrt().clamp_min(1e-8)
     # F.cosine_similarity's formula (each norm clamped at eps), in 6 ops instead of its 13: this runs every step.
     eps = 1e-8
     cos = (v_hat * v).sum(-1) / (v_hat.norm(dim=-1).clamp_min(eps) * v.norm(dim=-1).clamp_min(eps))

@@ -19,6 +19,7 @@ VARIANTS = {
     "cosine-score": {"score": "cosine", "threshold": 0.5, "target_fraction": None},
     "caching-all-capacity": {"threshold": -math.inf, "capacity": 3},
     "error-capacity": {"threshold": 0.1, "capacity": 2},
+    "relative-score": {"score": "relative", "threshold": 0.9},
     "sink": {"attn_sink": 1.0, "threshold": 0.1},
     "gate-bias-conv2": {"gate_bias": 2.0, "conv_size": 2, "threshold": 0.2},
     "readout-clock": {"time_feature": "readout", "threshold": 0.2},

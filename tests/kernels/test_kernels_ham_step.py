@@ -37,6 +37,7 @@ def _inputs(B, H, K, V, dtype, gen):
 #: that is a slice of a larger reservation, as the memories' step hands it over
 NATIVE_CASES = [c for c in CASES if c.values[6] == torch.float32] + [
     pytest.param(16, 4, 16, 16, 0, 9, torch.float32, "error", id="B16-H4-D16-unbounded-error-score"),
+    pytest.param(16, 4, 16, 16, 0, 9, torch.float32, "relative", id="B16-H4-D16-unbounded-relative-score"),
     pytest.param(16, 2, 16, 16, 3, 8, torch.float32, "sink", id="B16-H2-D16-cap3-sink-per-head-scale"),
     pytest.param(8, 2, 16, 32, 0, 6, torch.float32, "strided", id="B8-H2-K16-V32-unbounded-strided-cache"),
     # caches past 16 entries: the logits run in blocks of 16 entries, then a tail
@@ -76,8 +77,8 @@ def _compare_with_reference(step_fn, B, H, K, V, capacity, steps, dtype, mode):
     use_rnn = mode != "router-ties"
     use_attention = mode != "gdn"
     scale = torch.tensor([0.5, 0.25])[:H] if mode in ("router-ties", "sink") else None
-    threshold = {"surprise": 0.95, "error": 1.0, "sink": 0.9, "long": 0.0}.get(mode, 0.3)
-    score_kind = "error" if mode == "error" else "cosine"
+    threshold = {"surprise": 0.95, "error": 1.0, "relative": 1.3, "sink": 0.9, "long": 0.0}.get(mode, 0.3)
+    score_kind = mode if mode in ("error", "relative") else "cosine"
     sink = torch.randn(B, H, generator=gen) if mode == "sink" else None
     saw = {"evict": False, "empty": False, "reject": False}
     for t in range(steps):
@@ -119,7 +120,7 @@ def _compare_with_reference(step_fn, B, H, K, V, capacity, steps, dtype, mode):
         assert saw["evict"] and saw["empty"], f"the case did not exercise eviction and empty caches: {saw}"
     if mode == "long":
         assert saw["long"] > 32, f"the longest cache held {saw['long']} entries: no block of 16 and tail"
-    if mode in ("error", "strided"):
+    if mode in ("error", "relative", "strided"):
         assert 0 < int(length["ref"].sum()) < B * steps, "the case routed every step or none"
 
 
@@ -203,5 +204,5 @@ def test_native_step_refuses_what_it_does_not_take():
     args[8] = args[8].double()  # a float64 cache
     with pytest.raises(ValueError, match="float32 tensors, int64 times and a cache with contiguous rows"):
         cpu_ham_step(*args, 0.5)
-    with pytest.raises(ValueError, match="score_kind='l1': allowed cosine, error"):
+    with pytest.raises(ValueError, match="score_kind='l1': allowed cosine, error, relative"):
         cpu_ham_step(*_step_args(), 0.5, score_kind="l1")
