@@ -13,6 +13,7 @@ window (the last W tokens), hqlt (RNN + window: the naive hybrid HAM must beat).
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 
 import torch
@@ -32,8 +33,36 @@ __all__ = ["CONV_PATHS", "HybridMemory", "ROUTERS"]
 
 #: surprise: min over heads of 1 - cos(v_hat, v); learned: sigmoid(MLP(x)); all: every token (window memories)
 ROUTERS = ("surprise", "learned", "all")
+#: how ``end_update`` moves tau toward ``target_fraction``: ``feedback``, tau += threshold_lr * (f_obs - f);
+#: ``quantile``, tau in the widest gap between the (1 - f) and (1 - f/2) quantiles of the last rollout's scores
+THRESHOLD_RULES = ("feedback", "quantile")
+#: most step() scores the quantile rule keeps between two end_update calls (the newest; older ones are dropped)
+_QUANTILE_KEEP = 1 << 20
 #: where the short convolution runs: on a path of its own into the readout, or on q, k, v (Gated DeltaNet's place)
 CONV_PATHS = ("local", "qkv")
+
+
+def quantile_threshold(scores: Tensor, fraction: float) -> float:
+    """The threshold that caches between ``fraction / 2`` and ``fraction`` of ``scores``, cut at their widest gap.
+
+    A cut at the exact quantile can land inside a cluster of near-equal scores (a periodic stream scores each of its
+    symbols alike every cycle), and then the next rollout caches all of the cluster or none of it. The widest gap
+    between the two quantiles is where a small drift of the scores changes least; ties are never split.
+    """
+    scores = scores.detach().float().reshape(-1)
+    n = scores.numel()
+    most = min(int(fraction * n), n)
+    if most == 0:
+        return math.inf
+    if most == n:
+        return -math.inf
+    fewest = max(1, -(-most // 2))
+    top = torch.topk(scores, most + 1).values  # descending; top[i - 1] > tau >= top[i] caches i
+    gaps = top[fewest - 1 : most] - top[fewest : most + 1]  # the cut caching i = fewest .. most
+    i = fewest + int(torch.argmax(gaps))
+    if float(gaps.max()) <= 0:  # every cut splits one tie: cache only what is above it
+        return float(torch.nextafter(top[fewest - 1], torch.tensor(math.inf)))
+    return float((top[i - 1] + top[i]) / 2)
 
 
 class HybridMemory(Memory):
@@ -49,13 +78,20 @@ class HybridMemory(Memory):
     :param target_fraction: if set, tau follows the feedback rule tau <- tau + threshold_lr * (f_obs - f)
         after each update (``end_update``), so that the fraction of cached tokens approaches this value
     :param threshold_lr: step size eta of the feedback rule
+    :param threshold_rule: ``"feedback"`` (the spec's rule above) or ``"quantile"``: tau is set after each update so
+        that between ``target_fraction / 2`` and ``target_fraction`` of the last rollout's step() tokens would have been
+        cached, in the widest gap of their scores there (``quantile_threshold``). The feedback rule moves tau by at most
+        ``threshold_lr`` in score units per update, so where an update holds many env steps (long episodes) and tau
+        starts far from the scores' scale, the cache stays empty for many updates; the quantile rule is on target
+        after one update whatever the scale (docs/ham.md)
     :param capacity: most cache entries per env (0: unbounded); a full cache evicts its lowest-score entry
     :param fixed_decay: use decay alpha = 1 instead of the learned gate
     :param conv_size: width of the causal short convolution (0 turns it off). It gives the layer the last few steps
         cheaply (POPGym RepeatPrevious needs it)
     :param score: how the surprise router scores a token: ``"cosine"``, ``min_h 1 - cos(v_hat, v)`` (the spec's,
-        scale-free), or ``"error"``, the RMS prediction error ``||v - v_hat|| / sqrt(hidden_size)``, which keeps the
-        value's scale (``kernels/ham_step/reference.py``; docs/ham.md compares them)
+        scale-free), ``"error"``, the RMS prediction error ``||v - v_hat|| / sqrt(hidden_size)``, which keeps the
+        value's scale, or ``"relative"``, ``||v - v_hat|| / ||v||`` over all heads, the error's share of the value, which
+        a value that training shrinks does not hide (``kernels/ham_step/reference.py``; docs/ham.md compares them)
     :param conv_path: ``"local"``: the convolution runs on a path of its own, ``SiLU(conv(W_l x))`` added to the
         readout through a per-head gate, so q, k, v and the router's score are the step's own; ``"qkv"``: Gated
         DeltaNet's place, before q, k, v, which mixes each step with its neighbours before keys, values and the
@@ -86,6 +122,7 @@ class HybridMemory(Memory):
         threshold: float = 0.5,
         target_fraction: float | None = None,
         threshold_lr: float = 0.1,
+        threshold_rule: str = "feedback",
         capacity: int = 0,
         fixed_decay: bool = False,
         conv_size: int = 4,
@@ -124,11 +161,17 @@ class HybridMemory(Memory):
             raise ValueError(f"`attn_sink` must be a finite number or None, got {attn_sink!r}")
         if not (isinstance(threshold_lr, int | float) and 0 < threshold_lr < math.inf):
             raise ValueError(f"`threshold_lr` must be a finite number > 0, got {threshold_lr!r}")
+        if threshold_rule not in THRESHOLD_RULES:
+            raise ValueError(f"`threshold_rule` must be one of {', '.join(THRESHOLD_RULES)}, got {threshold_rule!r}")
         self.has_cache = use_attention  # gdn (no attention path) keeps no cache
         self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
         self.use_rnn, self.use_attention, self.router = use_rnn, use_attention, router
         self.capacity, self.fixed_decay, self.score = capacity, fixed_decay, score
         self.target_fraction, self.threshold_lr = target_fraction, threshold_lr
+        self.threshold_rule = threshold_rule
+        #: the quantile rule's step() scores since the last end_update ([B] each, newest last)
+        self._scores: deque[Tensor] = deque()
+        self._scores_kept = 0
         H = num_heads
         self.qkv = nn.Linear(input_size, 3 * hidden_size, bias=False)
         self.conv_path = conv_path if conv_size else None
@@ -214,10 +257,22 @@ class HybridMemory(Memory):
         seen = float(self._seen)
         fraction = float(self._stored) / seen if seen > 0 and self.use_attention else None
         if fraction is not None and self.target_fraction is not None and self.threshold is not None:
-            self.tau.add_(self.threshold_lr * (fraction - self.target_fraction))
+            if self.threshold_rule == "feedback":
+                self.tau.add_(self.threshold_lr * (fraction - self.target_fraction))
+            elif self._scores:
+                self.tau.fill_(quantile_threshold(torch.cat(list(self._scores)), self.target_fraction))
         self._stored.zero_()
         self._seen.zero_()
+        self._scores.clear()
+        self._scores_kept = 0
         return {"kv_fraction": fraction, "threshold": self.threshold}
+
+    def _keep_scores(self, score: Tensor) -> None:
+        """Keep a step()'s scores for the quantile rule, the newest ``_QUANTILE_KEEP`` at most."""
+        self._scores.append(score.detach().reshape(-1))
+        self._scores_kept += self._scores[-1].numel()
+        while self._scores_kept > _QUANTILE_KEEP and len(self._scores) > 1:
+            self._scores_kept -= self._scores.popleft().numel()
 
     # -- state ---------------------------------------------------------------------------------------------
     def _initial_rnn(self, batch_size, device):
@@ -484,6 +539,8 @@ class HybridMemory(Memory):
             self._stored.add_(routed.sum())  # in place: `+=` on a buffer also runs Module.__setattr__, every step
             self._seen.add_(B)
             self.last_routing = (score.detach(), routed)
+            if self.threshold_rule == "quantile" and self.target_fraction is not None:
+                self._keep_scores(score)
             cache = KVCache(cache.keys, cache.values, cache.scores, cache.times, length)
         else:
             cache = None

@@ -87,6 +87,67 @@ def test_target_fraction_feedback_converges(target):
     assert abs(final - target) < 0.05, (final, mem.threshold)
 
 
+def _rollout_fractions(mem, updates: int, envs: int = 16, steps: int = 32, seed: int = 1) -> list[float]:
+    """kv_fraction of each of ``updates`` rollouts of i.i.d. inputs (episodes of ``steps``), end_update after each."""
+    g = torch.Generator().manual_seed(seed)
+    state, observed = mem.initial_state(envs), []
+    for _update in range(updates):
+        for t in range(steps):
+            with torch.no_grad():
+                _, state = mem.step(torch.randn(envs, IN, generator=g), state, torch.full((envs,), t == 0))
+        observed.append(mem.end_update()["kv_fraction"])
+    return observed
+
+
+@pytest.mark.parametrize("start", [0.15, 5.0, 1e-4])
+def test_quantile_rule_is_on_target_after_one_update(start):
+    # tau starting far above or below the scores' scale: the feedback rule at its default step would take many
+    # updates (above: caching nothing meanwhile); the quantile rule cuts the last rollout's scores between f/2 and f.
+    options = dict(score="error", target_fraction=0.1, threshold=start)
+    quantile = make_memory("ham", IN, D, threshold_rule="quantile", **options)
+    fractions = _rollout_fractions(quantile, 4)
+    assert all(0.05 - 0.02 <= f <= 0.1 + 0.02 for f in fractions[1:]), fractions
+    torch.manual_seed(0)
+    feedback = make_memory("ham", IN, D, **options)
+    if start == 5.0:
+        assert _rollout_fractions(feedback, 4) == [0.0] * 4  # the feedback rule caches nothing for these updates
+
+
+def test_quantile_threshold_cuts_at_the_widest_gap_and_never_splits_a_tie():
+    from ham_rl.memory.hybrid import quantile_threshold
+
+    # 3 rare steps, a cluster of 12 equal scores across the 5% quantile, then a spread: the exact quantile (0.6) would
+    # cache all 15; the cut goes between the rare steps and the cluster
+    scores = torch.cat([torch.ones(3), torch.full((12,), 0.6), torch.linspace(0, 0.5, 85)])
+    tau = quantile_threshold(scores, 0.05)
+    assert int((scores >= tau).sum()) == 3 and 0.6 < tau < 1.0
+    tied = torch.full((100,), 0.3)  # every cut splits the tie: nothing is cached rather than everything
+    assert int((tied >= quantile_threshold(tied, 0.05)).sum()) == 0
+    spread = torch.rand(10_000, generator=torch.Generator().manual_seed(0))
+    cached = float((spread >= quantile_threshold(spread, 0.1)).float().mean())
+    assert 0.05 <= cached <= 0.1
+    assert quantile_threshold(spread, 0.0) == math.inf and quantile_threshold(spread, 1.0) == -math.inf
+
+
+def test_quantile_rule_keeps_the_newest_scores_only(monkeypatch):
+    import ham_rl.memory.hybrid as hybrid
+
+    monkeypatch.setattr(hybrid, "_QUANTILE_KEEP", 64)
+    mem = make_memory("ham", IN, D, target_fraction=0.1, threshold_rule="quantile")
+    _rollout_fractions(mem, 1, envs=16, steps=31)  # end_update forgets what it used
+    assert len(mem._scores) == 0
+    with torch.no_grad():
+        state = mem.initial_state(16)
+        for t in range(20):
+            _, state = mem.step(torch.randn(16, IN), state, torch.full((16,), t == 0))
+    assert mem._scores_kept == 64 and len(mem._scores) == 4  # steps that read no end_update cannot grow it
+
+
+def test_threshold_rule_must_be_known():
+    with pytest.raises(ValueError, match=r"`threshold_rule` must be one of feedback, quantile, got 'median'"):
+        make_memory("ham", IN, D, threshold_rule="median")
+
+
 def test_gradcheck_small_ham_sequence():
     # ham-learned is left out on purpose: its straight-through factor is a surrogate, not the true gradient.
     mem = make_memory("ham", 3, 8, num_heads=2, capacity=2, threshold=0.2).double()
