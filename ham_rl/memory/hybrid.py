@@ -51,7 +51,7 @@ def quantile_threshold(scores: Tensor, fraction: float) -> float:
     """
     scores = scores.detach().float().reshape(-1)
     n = scores.numel()
-    most = min(int(fraction * n), n)
+    most = int(fraction * n)  # fraction is in [0, 1]
     if most == 0:
         return math.inf
     if most == n:
@@ -59,9 +59,9 @@ def quantile_threshold(scores: Tensor, fraction: float) -> float:
     fewest = max(1, -(-most // 2))
     top = torch.topk(scores, most + 1).values  # descending; top[i - 1] > tau >= top[i] caches i
     gaps = top[fewest - 1 : most] - top[fewest : most + 1]  # the cut caching i = fewest .. most
-    i = fewest + int(torch.argmax(gaps))
     if float(gaps.max()) <= 0:  # every cut splits one tie: cache only what is above it
         return float(torch.nextafter(top[fewest - 1], torch.tensor(math.inf)))
+    i = fewest + int(torch.argmax(gaps))
     return float((top[i - 1] + top[i]) / 2)
 
 
@@ -75,8 +75,8 @@ class HybridMemory(Memory):
     :param use_attention: keep the KV-cache attention path
     :param router: ``"surprise"`` (HAM), ``"learned"`` (sigmoid MLP with a straight-through factor) or ``"all"``
     :param threshold: tau; a token is cached iff its router score >= tau (+inf: never, -inf: always)
-    :param target_fraction: if set, tau follows the feedback rule tau <- tau + threshold_lr * (f_obs - f)
-        after each update (``end_update``), so that the fraction of cached tokens approaches this value
+    :param target_fraction: if set, tau is moved after each update (``end_update``) by ``threshold_rule`` so that about
+        this fraction of the tokens is cached; by default the feedback rule tau <- tau + threshold_lr * (f_obs - f)
     :param threshold_lr: step size eta of the feedback rule
     :param threshold_rule: ``"feedback"`` (the spec's rule above) or ``"quantile"``: tau is set after each update so
         that between ``target_fraction / 2`` and ``target_fraction`` of the last rollout's step() tokens would have been
