@@ -37,11 +37,10 @@ import numpy as np
 import torch
 
 from ham_rl.agents import RecurrentActorCritic
-from ham_rl.checkpoint import load_checkpoint
-from ham_rl.config import load_run_config, memory_kwargs
+from ham_rl.config import load_run_config
 from ham_rl.envs import VecEnv
 from ham_rl.envs.recall_tasks import novelty_stream
-from ham_rl.evaluate import evaluate_run
+from ham_rl.evaluate import evaluate_run, load_run_agent
 from ham_rl.kernels.gated_delta_rule import gated_delta_rule
 from ham_rl.kernels.ham_step import surprise_score
 from ham_rl.memory import make_memory
@@ -115,14 +114,10 @@ def candidate_scores(v_hat: torch.Tensor, v: torch.Tensor) -> dict[str, np.ndarr
 
 def run_agent(run_dir: Path, episodes: int) -> tuple[RecurrentActorCritic, VecEnv]:
     """The run's trained agent (eval mode) and ``episodes`` envs of its task, seeded apart from training."""
-    cfg, ckpt = load_run_config(run_dir), load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    cfg = load_run_config(run_dir)
     venv = VecEnv(cfg.env.id, episodes, seed=int(cfg.seed) + 2000, prev_action=cfg.env.prev_action,
                   prev_reward=cfg.env.prev_reward)  # fmt: skip
-    name, hidden, options = memory_kwargs(cfg.memory)
-    agent = RecurrentActorCritic(venv.feature_dim, venv.action_space, name, hidden, options,
-                                 embed_size=int(cfg.agent.embed_size), head_size=int(cfg.agent.head_size))  # fmt: skip
-    agent.load_state_dict(ckpt["ppo"]["agent"])
-    agent.eval()
+    agent = load_run_agent(run_dir, venv, cfg)
     return agent, venv
 
 

@@ -45,7 +45,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from ham_rl.agents import RecurrentActorCritic
 from ham_rl.checkpoint import CheckpointError, load_checkpoint
@@ -53,7 +53,7 @@ from ham_rl.config import ConfigError, load_run_config, memory_kwargs, resolve_d
 from ham_rl.envs import VecEnv
 from ham_rl.routing import RoutingTrace, informative_flags
 
-__all__ = ["EVALUATIONS", "Episodes", "evaluate_policy", "evaluate_run", "main"]
+__all__ = ["EVALUATIONS", "Episodes", "evaluate_policy", "evaluate_run", "load_run_agent", "main"]
 
 EVAL_KEYS = ("memory.threshold", "episodes", "num_envs", "seed", "deterministic", "device", "torch_threads", "drop")
 DROPS = ("informative", "uninformative")  # which cache entries ``drop=`` removes
@@ -170,6 +170,39 @@ def _parse(argv: list[str]) -> tuple[Path, dict]:
     return run_dir, flat
 
 
+def load_run_agent(
+    run_dir: str | Path,
+    venv: VecEnv,
+    cfg: DictConfig | None = None,
+    ckpt: dict | None = None,
+    device: torch.device | str = "cpu",
+) -> RecurrentActorCritic:
+    """The agent of ``run_dir``'s last checkpoint, built from its config.yaml for ``venv``'s spaces, in eval mode.
+
+    :param cfg: the run's config, when the caller has loaded it already (else read from ``run_dir``)
+    :param ckpt: the run's last checkpoint, when the caller has loaded it already (else read from ``run_dir``)
+    :raises CheckpointError: the checkpoint's weights do not fit the agent that the config describes
+    """
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir) if cfg is None else cfg
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt") if ckpt is None else ckpt
+    name, hidden, mem_options = memory_kwargs(cfg.memory)
+    agent = RecurrentActorCritic(
+        venv.feature_dim,
+        venv.action_space,
+        name,
+        hidden,
+        mem_options,
+        embed_size=int(cfg.agent.embed_size),
+        head_size=int(cfg.agent.head_size),
+    ).to(device)
+    try:
+        agent.load_state_dict(ckpt["ppo"]["agent"])
+    except (KeyError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint of {run_dir} does not fit its config.yaml: {str(e).splitlines()[0]}") from e
+    return agent.eval()
+
+
 def evaluate_run(
     run_dir: str | Path, options: dict | None = None, quiet: bool = False, pictures: bool = True, record: bool = True
 ) -> list[dict]:
@@ -211,21 +244,8 @@ def evaluate_run(
         torch.set_num_threads(threads)
 
     venv = VecEnv(cfg.env.id, num_envs, seed=seed, prev_action=cfg.env.prev_action, prev_reward=cfg.env.prev_reward)
-    name, hidden, mem_options = memory_kwargs(cfg.memory)
-    agent = RecurrentActorCritic(
-        venv.feature_dim,
-        venv.action_space,
-        name,
-        hidden,
-        mem_options,
-        embed_size=int(cfg.agent.embed_size),
-        head_size=int(cfg.agent.head_size),
-    ).to(device)
-    try:
-        agent.load_state_dict(ckpt["ppo"]["agent"])
-    except (KeyError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint of {run_dir} does not fit its config.yaml: {str(e).splitlines()[0]}") from e
-    agent.eval()
+    agent = load_run_agent(run_dir, venv, cfg, ckpt, device)
+    name = cfg.memory.name
     mem = agent.memory
     trained_tau = mem.threshold
     taus = opts.get("memory.threshold", trained_tau)

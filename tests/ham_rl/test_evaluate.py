@@ -1,5 +1,5 @@
-"""ham_rl.evaluate's ``drop=``: the cache holds exactly the entries it keeps, the memory reads only those, and what a
-user can get wrong is one line."""
+"""ham_rl.evaluate: ``load_run_agent`` rebuilds a run's trained agent; ``drop=`` leaves the cache exactly the entries
+it keeps, the memory reads only those; what a user can get wrong is one line."""
 
 import json
 import math
@@ -9,8 +9,10 @@ import pytest
 import torch
 from train_helpers import cfg_of
 
-from ham_rl.config import ConfigError
-from ham_rl.evaluate import EVALUATIONS, _drop_entries, evaluate_run
+from ham_rl.checkpoint import CheckpointError, load_checkpoint
+from ham_rl.config import ConfigError, load_run_config
+from ham_rl.envs import VecEnv
+from ham_rl.evaluate import EVALUATIONS, _drop_entries, evaluate_run, load_run_agent
 from ham_rl.memory import make_memory
 from ham_rl.report.evaluations import EVALUATIONS as REPORT_EVALUATIONS
 from ham_rl.train import train
@@ -93,3 +95,19 @@ def test_drop_errors_name_the_bad_value(tmp_path):
     train(cfg_of(f"run_dir={popgym}", "env=popgym-repeat", "total_timesteps=128", "memory.num_heads=2"))
     with pytest.raises(ConfigError, match="needs an env that marks informative steps"):
         evaluate_run(popgym, {"episodes": 2, "drop": "informative"}, quiet=True)
+
+
+def test_load_run_agent_is_the_checkpoints_agent(tmp_path):
+    run = tmp_path / "run"
+    train(cfg_of(f"run_dir={run}", "env=cue-random-d50", "total_timesteps=128", "memory.num_heads=2"))
+    cfg = load_run_config(run)
+    venv = VecEnv(cfg.env.id, 2, seed=0, prev_action=cfg.env.prev_action, prev_reward=cfg.env.prev_reward)
+    agent = load_run_agent(run, venv)
+    assert not agent.training
+    saved = load_checkpoint(run / "checkpoints" / "last.pt")["ppo"]["agent"]
+    for key, value in agent.state_dict().items():
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=0)
+    cfg.memory.hidden_size = 32  # a config that no longer describes the saved weights
+    with pytest.raises(CheckpointError, match=f"checkpoint of {run} does not fit its config.yaml"):
+        load_run_agent(run, venv, cfg)
+    venv.close()
