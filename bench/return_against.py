@@ -121,6 +121,7 @@ def main() -> None:
     if args.success is not None:
         ax.set_ylim(-0.05, 1.05)  # a rate: a CI over a few seeds would otherwise stretch the axis past 0 and 1
     ax.set_xscale("log" if args.size == "corridor" else "linear")
+    ax.minorticks_off()  # on a log axis the minor ticks' labels (3 x 10^2, ...) crowd out the sizes set below
     sizes = sorted({x for points in by_memory.values() for x in points})
     ax.set_xticks(sizes, [str(x) for x in sizes])
     ax.grid(alpha=0.3)
