@@ -44,15 +44,16 @@ def step_timer(
     before the first, so that it grows inside the timing; ``fraction``: ham's threshold where that share of the
     warm-up steps scores above it)."""
     mem = make_memory(name, INPUT, HIDDEN)
+    warm_xs = torch.randn(warm, envs, INPUT)
     if fraction is not None:
-        mem.set_threshold(_quantile_threshold(mem, envs, warm, fraction))
+        mem.set_threshold(_quantile_threshold(mem, warm_xs, fraction))
     if compiled:
         mem.compile_step()  # its graphs are built in the warm-up steps below, as the cache grows
     with torch.no_grad():
         state = mem.initial_state(envs)
         no_start = torch.zeros(envs, dtype=torch.bool)
-        for _ in range(warm):
-            _, state = mem.step(torch.randn(envs, INPUT), state, no_start)
+        for x in warm_xs:
+            _, state = mem.step(x, state, no_start)
     if state.cache is not None:
         full = state.cache.compact()
         state = replace(state, cache=full if grow else full.reserve(full.slots + calls))
@@ -69,15 +70,13 @@ def step_timer(
     return run
 
 
-def _quantile_threshold(mem: Memory, envs: int, warm: int, fraction: float) -> float:
-    """The (1 - fraction) quantile of the router's scores over ``warm`` steps of the same inputs as the timer's."""
-    rng_state = torch.get_rng_state()
+def _quantile_threshold(mem: Memory, warm_xs: torch.Tensor, fraction: float) -> float:
+    """The (1 - fraction) quantile of the router's scores over the warm-up steps ``warm_xs`` ``[T, envs, input]``."""
     with torch.no_grad():
-        state, no_start, scores = mem.initial_state(envs), torch.zeros(envs, dtype=torch.bool), []
-        for _ in range(warm):
-            _, state = mem.step(torch.randn(envs, INPUT), state, no_start)
+        state, no_start, scores = mem.initial_state(warm_xs.shape[1]), torch.zeros(warm_xs.shape[1], dtype=torch.bool), []
+        for x in warm_xs:
+            _, state = mem.step(x, state, no_start)
             scores.append(mem.last_routing[0])
-    torch.set_rng_state(rng_state)  # the timer's warm-up draws the same inputs
     return float(torch.quantile(torch.cat(scores), 1.0 - fraction))
 
 

@@ -4,9 +4,9 @@
 // ham_step: reference.py's ham_step (some 50 small torch ops a step) as one loop over envs. Per env: reset on a start
 // flag; per head the gated delta-rule step (v_hat, the write, the RNN readout); the surprise score (cosine: min over
 // heads of 1 - cos(v_hat, v); error: the RMS of v - v_hat over all heads; relative: |v - v_hat| / |v| over all
-// heads), or the given router score; routed = score >= tau; the slot (append, or at capacity evict the lowest score, ties to the oldest, unless the new score is
-// lower than all); the write into the cache, in place; softmax attention over the env's cached entries (and the null
-// entry, with a sink); the two gates.
+// heads), or the given router score; routed = score >= tau; the slot (append, or at capacity evict the lowest score,
+// ties to the oldest, unless the new score is lower than all); the write into the cache, in place; softmax attention
+// over the env's cached entries (and the null entry, with a sink); the two gates.
 //
 // memory_step: HybridMemory's whole step between its input projections and its output projection, for the HAM layer
 // with its local convolution path (hybrid.py): the causal short convolution of the local projection with the env's
