@@ -36,7 +36,9 @@ struct Row {
     for (int i = 0; i < R; ++i) r.x[i] = load16(p + 16 * i);
     return r;
   }
-  void store(float* p) const { std::memcpy(p, x, sizeof(x)); }
+  void store(float* p) const {
+    for (int i = 0; i < R; ++i) store16(p + 16 * i, x[i]);
+  }
   float sum() const {
     Float16 s = x[0];
     for (int i = 1; i < R; ++i) s += x[i];
