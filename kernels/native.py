@@ -42,7 +42,12 @@ HEADER = (Path(__file__).parent / "vec16.h").resolve()
 #: every native kernel's source; they build into one library
 SOURCES = tuple(
     (Path(__file__).parent / name).resolve()
-    for name in ("gated_delta_rule/cpu_recurrent.cpp", "ham_step/cpu_step.cpp", "short_conv/cpu_conv.cpp")
+    for name in (
+        "gated_delta_rule/cpu_recurrent.cpp",
+        "ham_layer/cpu_layer.cpp",
+        "ham_step/cpu_step.cpp",
+        "short_conv/cpu_conv.cpp",
+    )
 )
 
 #: the loaded ops (``torch.ops.ham_rl``) once built, or why they could not be; one library, so one state for all kernels

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ham_rl.kernels.cache_attention import cache_attention
 from ham_rl.kernels.gated_delta_rule import gated_delta_rule
+from ham_rl.kernels.ham_layer import cpu_layer
 from ham_rl.kernels.ham_step import SCORES, cpu_step, ham_step, plan_cache, seen_candidates, surprise_score
 from ham_rl.kernels.native import use_native
 from ham_rl.memory.base import Memory
@@ -348,6 +349,17 @@ class HybridMemory(Memory):
         """``qkv [..., 3 * hidden]`` (after the convolution) and the gate logits ``z [..., n * H]`` -> q, k (unit), v
         ``[..., H, d]`` and the per-head gates ``[..., H]``."""
         H, d = self.num_heads, self.head_dim
+        if self.use_attention and self.gate_names[0] == "decay" and cpu_layer.fits(qkv, z, self.attn_log_scale):
+            # One native call, forward and backward, for the norms, the gates and the attention's query (the same
+            # function as below, with the temperature folded in as _inputs does); "gates" keeps them as one tensor
+            # for the native readout.
+            lead, G = qkv.shape[:-1], len(self.gate_names)
+            qkvn, gates, q_attn = cpu_layer.cpu_tokens(qkv.reshape(-1, 3, H, d), z.reshape(-1, G, H), self.attn_log_scale)
+            q, k, v = qkvn.unflatten(0, lead).unbind(-3)
+            gates = gates.unflatten(0, lead)
+            p = {"q": q, "k": k, "v": v, "q_attn": q_attn.unflatten(0, lead), "gates": gates}
+            p.update(zip(("g", *self.gate_names[1:]), gates.unbind(-2), strict=True))
+            return p
         # one unbind: its backward stacks the three gradients, where slices' would each fill a zero [..., 3, H, d]
         q, k, v = qkv.unflatten(-1, (3, H, d)).unbind(-3)  # each [..., H, d]
         p = {"q": l2norm(q), "k": l2norm(k), "v": v}  # unit q and k
@@ -363,6 +375,17 @@ class HybridMemory(Memory):
         """``o [..., H, d]`` (gated sum of both paths) -> ``y [..., hidden_size]``."""
         return self.out(self.norm(o.flatten(-2).to(self.out.weight.dtype)))
 
+    def _readout_native(self, o_rnn: Tensor, o_kv: Tensor, local: Tensor, gates: Tensor) -> Tensor:
+        """``_readout(_add_local(p, _gated(p, o_rnn, o_kv)))`` as one native call (forward and backward) before the
+        output projection, from the paths ``[B, T, H, d]`` and the gates ``[B, T, G, H]`` of ``cpu_tokens``."""
+        H, d, G = self.num_heads, self.head_dim, len(self.gate_names)
+        eps = self.norm.eps if self.norm.eps is not None else torch.finfo(torch.float32).eps
+        channels = tuple(self.gate_names.index(n) for n in ("gate_rnn", "gate_attn", "gate_local"))
+        lead = o_rnn.shape[:-2]
+        flat = [t.reshape(-1, H, d) for t in (o_rnn, o_kv.to(o_rnn.dtype), local)]
+        y = cpu_layer.cpu_readout(*flat, gates.reshape(-1, G, H), self.norm.weight, channels, eps)
+        return self.out(y.unflatten(0, lead))
+
     # -- sequence form -------------------------------------------------------------------------------------
     def _sequence(self, x, state, starts, steps):
         return self._sequence_group([self], [x], [state], starts, [steps])[0]
@@ -372,8 +395,10 @@ class HybridMemory(Memory):
         S, history = self._split_rnn(state.rnn)
         p, history = self._project(x, history, steps)
         if self.use_attention:
-            # The per-head temperature is folded into q, so kernels take a plain float scale and autograd does the rest.
-            p["q_attn"] = p["q"] * self.attn_log_scale.exp()[:, None]
+            if "q_attn" not in p:  # the native tokens call folds it in already
+                # The per-head temperature is folded into q, so kernels take a plain float scale and autograd does
+                # the rest.
+                p["q_attn"] = p["q"] * self.attn_log_scale.exp()[:, None]
             if self.attn_sink is not None:
                 p["sink"] = self.attn_sink.expand(x.shape[0], -1)  # [B, H]: rows of grouped memories concatenate
         return p, S, history
@@ -394,7 +419,8 @@ class HybridMemory(Memory):
         first, G, B = memories[0], len(memories), starts.shape[0]
         parts = [m._inputs(x, state, s) for m, x, state, s in zip(memories, xs, states, steps, strict=True)]
         # The local path is each memory's own: it joins the output after the shared ops, so it need not be alike.
-        local = [{n: part[0].pop(n) for n in ("local", "gate_local") if n in part[0]} for part in parts]
+        # So are the gates as one tensor, which the native tokens call gives and the native readout takes.
+        local = [{n: part[0].pop(n) for n in ("local", "gate_local", "gates") if n in part[0]} for part in parts]
         if G == 1:
             (p, S, _), cache, tau = parts[0], states[0].cache, first.tau
             starts_all, steps_all = starts, steps[0]
@@ -405,18 +431,19 @@ class HybridMemory(Memory):
             tau = torch.stack([m.tau for m in memories]).repeat_interleave(B)[:, None]  # [G * B, 1]
             starts_all, steps_all = starts.repeat(G, 1), torch.cat(list(steps))
         o_rnn, o_kv, S, cache = first._paths(p, S, cache, starts_all, steps_all, tau)
-        o = first._gated(p, o_rnn, o_kv)
+        both = o_rnn is not None and o_kv is not None
+        native = [both and "gates" in lp and "local" in lp for lp in local]
+        o = None if all(native) else first._gated(p, o_rnn, o_kv)
         out = []
         for g, (m, state, (_, _, history)) in enumerate(zip(memories, states, parts, strict=True)):
             rows = slice(g * B, (g + 1) * B)
             cache_g = cache if cache is None or G == 1 else cache[rows].compact()
             rnn = m._join_rnn(None if S is None else S[rows], history)
-            out.append(
-                (
-                    m._readout(m._add_local(local[g], o[rows])),
-                    MemoryState(rnn=rnn, cache=cache_g, episode_len=state.episode_len),
-                )
-            )
+            if native[g]:
+                y = m._readout_native(o_rnn[rows], o_kv[rows], local[g]["local"], local[g]["gates"])
+            else:
+                y = m._readout(m._add_local(local[g], o[rows]))
+            out.append((y, MemoryState(rnn=rnn, cache=cache_g, episode_len=state.episode_len)))
         return out
 
     @staticmethod

@@ -40,7 +40,17 @@ def _cpu_flags() -> set[str]:
 def test_each_vector_form_matches_scalar_loops(march, tmp_path):
     lanes, flag = FORMS[march]
     exe = tmp_path / "vec16_check"
-    cmd = [CXX, "-O2", "-std=c++17", f"-march={march}", "-ffp-contract=off", f"-I{HEADER_DIR}", str(HERE / "vec16_check.cpp"), "-o", str(exe)]
+    cmd = [
+        CXX,
+        "-O2",
+        "-std=c++17",
+        f"-march={march}",
+        "-ffp-contract=off",
+        f"-I{HEADER_DIR}",
+        str(HERE / "vec16_check.cpp"),
+        "-o",
+        str(exe),
+    ]
     build = subprocess.run(cmd, capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-2000:]
     if flag is not None and flag not in _cpu_flags():
