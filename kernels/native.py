@@ -45,6 +45,7 @@ SOURCES = tuple(
     for name in (
         "gated_delta_rule/cpu_recurrent.cpp",
         "ham_layer/cpu_layer.cpp",
+        "ham_step/cpu_plan.cpp",
         "ham_step/cpu_step.cpp",
         "short_conv/cpu_conv.cpp",
     )

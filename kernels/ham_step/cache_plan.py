@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ham_rl.kernels import native
 from ham_rl.kernels.ham_step.reference import choose_slot
 
 __all__ = ["CachePlan", "plan_cache", "seen_candidates"]
@@ -67,6 +68,12 @@ def plan_cache(
     if capacity > 0 and fifo:
         return _plan_fifo(times, length, starts, steps, capacity)
     if capacity > 0:
+        if _native_plan_fits(scores, score):
+            visible, final_source, final_length = native.load_native().plan_capacity(
+                scores.contiguous(), times.contiguous(), length.contiguous(), starts.contiguous(),
+                steps.contiguous(), score.contiguous(), routed.contiguous(), capacity,
+            )  # fmt: skip
+            return CachePlan(visible=visible, final_source=final_source, final_length=final_length)
         return _plan_with_capacity(scores, times, length, starts, steps, score, routed, capacity)
     B, T = starts.shape
     L0 = times.shape[1]
@@ -87,6 +94,11 @@ def plan_cache(
     # The final cache is what the last token sees, kept in candidate order (carried slots, then time order).
     order, length = _chosen_first(visible[:, -1])
     return CachePlan(visible=visible, final_source=columns.gather(1, order), final_length=length, columns=columns)
+
+
+def _native_plan_fits(scores: Tensor, score: Tensor) -> bool:
+    """Whether the capacity replay runs as one native call (``cpu_plan.cpp``): float32 scores on a CPU."""
+    return scores.dtype == torch.float32 and score.dtype == torch.float32 and native.use_native(score)
 
 
 def _see_carried(length: Tensor, slots: int, episode: Tensor) -> Tensor:

@@ -38,3 +38,38 @@ def test_unbounded_plan_sees_what_a_step_by_step_cache_holds_through_columns_of_
     for b in range(B):
         n = int(plan.final_length[b])
         assert plan.final_source[b, :n].tolist() == final[b].nonzero().flatten().tolist()
+
+
+def test_capacity_plan_native_equals_the_pytorch_replay(monkeypatch):
+    # The native replay (cpu_plan.cpp) against _plan_with_capacity's loop over time: the same visible masks, final
+    # slots and lengths, with carried caches (one past capacity's room), resets, ties of scores (the oldest goes),
+    # a new score below all (not stored) and NaN scores.
+    from ham_rl.kernels import native
+    from ham_rl.kernels.ham_step import cache_plan
+
+    if not native.native_available():
+        import pytest
+
+        pytest.skip("the native CPU kernels could not be built here")
+    torch.manual_seed(1)
+    B, T, L0, capacity = 5, 60, 4, 3
+    starts = torch.rand(B, T) < 0.05
+    score = torch.randint(0, 4, (B, T)).float() / 4  # few values: many ties
+    score[1, 7] = float("nan")
+    routed = torch.rand(B, T) < 0.5
+    routed[1, 7] = True
+    scores = torch.randint(0, 4, (B, L0)).float() / 4
+    scores[2, 0] = float("nan")  # a NaN carried in: every later comparison with it is false
+    times = torch.randint(0, 20, (B, L0))
+    length0 = torch.tensor([3, 2, 3, 0, 1])
+    steps = torch.arange(T).expand(B, T) + 20
+    calls = []
+    load = native.load_native
+    monkeypatch.setattr(native, "load_native", lambda: calls.append(1) or load())
+    got = cache_plan.plan_cache(scores, times, length0, starts, steps, score, routed, capacity)
+    assert calls, "the float32 CPU plan did not run the native replay"
+    ref = cache_plan._plan_with_capacity(scores, times, length0, starts, steps, score, routed, capacity)
+    assert torch.equal(got.visible, ref.visible)
+    assert torch.equal(got.final_length, ref.final_length)
+    assert torch.equal(got.final_source, ref.final_source)
+    assert int(got.visible.sum(2).max()) == capacity, "the cache filled to capacity, so eviction was exercised"
