@@ -70,8 +70,8 @@ def plan_cache(
     if capacity > 0:
         if _native_plan_fits(scores, score):
             visible, final_source, final_length = native.load_native().plan_capacity(
-                scores.contiguous(), times.contiguous(), length.contiguous(), starts.contiguous(),
-                steps.contiguous(), score.contiguous(), routed.contiguous(), capacity,
+                scores.contiguous(), times.long().contiguous(), length.long().contiguous(), starts.bool().contiguous(),
+                steps.long().contiguous(), score.contiguous(), routed.bool().contiguous(), capacity,
             )  # fmt: skip
             return CachePlan(visible=visible, final_source=final_source, final_length=final_length)
         return _plan_with_capacity(scores, times, length, starts, steps, score, routed, capacity)
