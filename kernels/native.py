@@ -25,7 +25,7 @@ import torch
 __all__ = [
     "CPU_KERNELS",
     "FLAGS",
-    "HEADER",
+    "HEADERS",
     "SOURCES",
     "as_contiguous",
     "cpu_kernel_choice",
@@ -37,8 +37,8 @@ __all__ = [
 #: the CPU implementations, as ``HAM_RL_CPU_KERNEL`` names them
 CPU_KERNELS = ("native", "torch")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast"]
-#: what the sources share (16-float vectors); a change to it rebuilds them
-HEADER = (Path(__file__).parent / "vec16.h").resolve()
+#: what the sources share (16-float vectors, the cache slot rule); a change to one rebuilds them
+HEADERS = tuple((Path(__file__).parent / name).resolve() for name in ("vec16.h", "ham_step/slot_rule.h"))
 #: every native kernel's source; they build into one library
 SOURCES = tuple(
     (Path(__file__).parent / name).resolve()
@@ -91,7 +91,7 @@ def load_native() -> Any:
     from torch.utils.cpp_extension import load
 
     try:
-        texts = [s.read_text() for s in (*SOURCES, HEADER)]
+        texts = [s.read_text() for s in (*SOURCES, *HEADERS)]
         # The folder too: ninja rebuilds when the sources' paths change, so two checkouts on one machine each keep
         # their own build instead of rebuilding each other's.
         key = "\n".join([*texts, str(SOURCES[0].parent), " ".join(FLAGS), torch.__version__, _cpu_signature()])

@@ -11,13 +11,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cmath>
-#include <limits>
+#include <algorithm>
 #include <vector>
 
-namespace {
+#include "slot_rule.h"
 
-inline float nan_min(float a, float b) { return (std::isnan(a) || a < b) ? a : b; }
+namespace {
 
 std::vector<at::Tensor> plan_capacity(at::Tensor scores, at::Tensor times, at::Tensor length, at::Tensor starts,
                                       at::Tensor steps, at::Tensor score, at::Tensor routed, int64_t capacity) {
@@ -45,18 +44,9 @@ std::vector<at::Tensor> plan_capacity(at::Tensor scores, at::Tensor times, at::T
       for (int64_t t = 0; t < T; ++t) {
         if (starts_p[b * T + t]) len = 0;
         const float s = sp[b * T + t];
-        bool stored = rp[b * T + t], full = len >= capacity;
-        float min_score = std::numeric_limits<float>::infinity();
-        for (int64_t l = 0; l < len; ++l) min_score = nan_min(min_score, slot_score[l]);
-        int64_t victim = 0, oldest = std::numeric_limits<int64_t>::max();
-        for (int64_t l = 0; l < len; ++l)
-          if (slot_score[l] == min_score && slot_time[l] < oldest) {
-            oldest = slot_time[l];
-            victim = l;
-          }
-        stored = stored && (!full || s >= min_score);
+        const auto [slot, stored, full] =
+            ham_rl_slots::choose_slot(slot_score.data(), slot_time.data(), len, s, rp[b * T + t], capacity);
         if (stored) {
-          const int64_t slot = full ? victim : len;
           source[slot] = L0 + t;
           slot_score[slot] = s;
           slot_time[slot] = stp[b * T + t];

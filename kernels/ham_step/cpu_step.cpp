@@ -27,10 +27,13 @@
 #include <vector>
 
 #include "../vec16.h"
+#include "slot_rule.h"
 
 namespace {
 
 using namespace ham_rl_vec;
+using ham_rl_slots::choose_slot;
+using ham_rl_slots::nan_min;
 
 // dst[i] = exp(src[i]) for n values, 16 at a time; the tail through a padded vector (same function, same values).
 inline void exp_n(const float* src, float* dst, int64_t n) {
@@ -61,7 +64,6 @@ inline void weighted_sum(const float* w, const float* x, int64_t stride, int64_t
 }
 
 // NaN-propagating min and max, as torch's amin/amax (a NaN anywhere gives NaN).
-inline float nan_min(float a, float b) { return (std::isnan(a) || a < b) ? a : b; }
 inline float nan_max(float a, float b) { return (std::isnan(a) || a > b) ? a : b; }
 
 // What stays the same for every env of one call.
@@ -175,21 +177,7 @@ void env_step(const Step& s, Scratch& w, int64_t b, const float* q, const float*
     float* scores = s.scores + b * s.ss;
     int64_t* times = s.times + b * s.ts;
     // The slot: append below capacity; at capacity the lowest score goes (ties: the oldest), if the new is higher.
-    int64_t slot = len;
-    bool stored = routed, full = false;
-    if (s.capacity > 0) {
-      full = len >= s.capacity;
-      float min_score = inf;
-      for (int64_t l = 0; l < len; ++l) min_score = nan_min(min_score, scores[l]);
-      int64_t victim = 0, oldest = std::numeric_limits<int64_t>::max();
-      for (int64_t l = 0; l < len; ++l)
-        if (scores[l] == min_score && times[l] < oldest) {
-          oldest = times[l];
-          victim = l;
-        }
-      stored = routed && (!full || score >= min_score);
-      slot = (stored && full) ? victim : len;
-    }
+    const auto [slot, stored, full] = choose_slot(scores, times, len, score, routed, s.capacity);
     if (stored) {
       std::copy(k, k + H * K, keys + slot * H * K);
       std::copy(v, v + H * V, values + slot * H * V);
