@@ -217,4 +217,16 @@ inline void strided_dots(const float* x, int64_t stride, const float* q, int64_t
   for (int64_t l = l0; l < n; ++l) out[l] = dot(x + l * stride, q, K);
 }
 
+// dst[i] = exp(src[i]) for n values, 16 at a time; the tail through a padded vector (same function, same values).
+inline void exp_n(const float* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) store16(dst + i, exp16(load16(src + i)));
+  if (i < n) {
+    float tmp[16] = {};
+    std::memcpy(tmp, src + i, (n - i) * sizeof(float));
+    const Float16 e = exp16(load16(tmp));
+    std::memcpy(dst + i, &e, (n - i) * sizeof(float));
+  }
+}
+
 }  // namespace ham_rl_vec

@@ -575,7 +575,7 @@ class HybridMemory(Memory):
         return y, MemoryState(rnn=rnn_state, cache=cache, episode_len=state.episode_len)
 
     def _native_step_fits(self, x: Tensor) -> bool:
-        """Whether this step runs as one native call (``cpu_memory_step``): the HAM layer's own layout (both paths,
+        """Whether this step runs as one native call (``cpu_layer_step``): the HAM layer's own layout (both paths,
         the surprise router, the local convolution path unfolded, the learned decay), float32 on a CPU, no grad."""
         return (
             self.use_rnn
@@ -590,15 +590,14 @@ class HybridMemory(Memory):
         )
 
     def _step_native(self, x, rnn, history, keys, values, scores, times, length, start, steps, tau):
-        """``_step_core`` as one native call between the input projections and the output projection."""
+        """``_step_core`` and the output projection as one native call (``cpu_layer_step``)."""
         eps = self.norm.eps if self.norm.eps is not None else torch.finfo(torch.float32).eps
         sink = None if self.attn_sink is None else self.attn_sink.expand(x.shape[0], -1)
-        o, rnn, history, length, score, routed = cpu_step.cpu_memory_step(
-            self.qkv(x), self.local(x), self.gates(x), history, self.conv.weight, self.conv.bias, rnn,
-            keys, values, scores, times, length, start, steps, tau, self.capacity, self.attn_log_scale.exp(),
-            self.score, sink, self.norm.weight, eps,
+        return cpu_step.cpu_layer_step(
+            x, self.qkv.weight, self.local.weight, self.gates.weight, self.gates.bias, self.out.weight, self.out.bias,
+            history, self.conv.weight, self.conv.bias, rnn, keys, values, scores, times, length, start, steps, tau,
+            self.capacity, self.attn_log_scale.exp(), self.score, sink, self.norm.weight, eps,
         )  # fmt: skip
-        return self.out(o), rnn, history, length, score, routed
 
     def _step_core(self, x, rnn, history, keys, values, scores, times, length, start, steps, tau):
         """The step's tensor work: ``(y, rnn state, conv history, length, score, routed)``; the cache slots are

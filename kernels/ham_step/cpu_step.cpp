@@ -35,18 +35,6 @@ using namespace ham_rl_vec;
 using ham_rl_slots::choose_slot;
 using ham_rl_slots::nan_min;
 
-// dst[i] = exp(src[i]) for n values, 16 at a time; the tail through a padded vector (same function, same values).
-inline void exp_n(const float* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) store16(dst + i, exp16(load16(src + i)));
-  if (i < n) {
-    float tmp[16] = {};
-    std::copy(src + i, src + n, tmp);
-    const Float16 e = exp16(load16(tmp));
-    std::memcpy(dst + i, &e, (n - i) * sizeof(float));
-  }
-}
-
 // out[0:V] = sum_l w[l] x[l * stride : l * stride + V]; blocks of 16 columns accumulate in a register (a row in
 // memory, reloaded every l, made the attention's readout most of the step's time).
 inline void weighted_sum(const float* w, const float* x, int64_t stride, int64_t n, int64_t V, float* out) {
@@ -351,7 +339,27 @@ std::vector<at::Tensor> memory_step(at::Tensor qkv, at::Tensor local, at::Tensor
   return {out, new_state, new_history, new_length, score_out, routed_out};
 }
 
+// HybridMemory's whole step, x [B, input] to y [B, H D]: its projections (qkv_weight [3 H D, input], local_weight
+// [H D, input], gates_weight [5 H, input] and gates_bias, out_weight [H D, H D] and out_bias; the biases may be None) as at::linear, the calls
+// its nn.Linear modules make, around memory_step; so a rollout step is one call from Python, not five. Returns (y,
+// then memory_step's returns after its output).
+std::vector<at::Tensor> layer_step(at::Tensor x, at::Tensor qkv_weight, at::Tensor local_weight, at::Tensor gates_weight,
+                                   std::optional<at::Tensor> gates_bias, at::Tensor out_weight,
+                                   std::optional<at::Tensor> out_bias, at::Tensor history,
+                                   at::Tensor conv_weight, at::Tensor conv_bias, at::Tensor state, at::Tensor keys,
+                                   at::Tensor values, at::Tensor scores, at::Tensor times, at::Tensor length,
+                                   at::Tensor start, at::Tensor episode_step, double threshold, int64_t capacity,
+                                   at::Tensor scale, int64_t score_kind, at::Tensor sink, at::Tensor norm_weight,
+                                   double norm_eps) {
+  auto r = memory_step(at::linear(x, qkv_weight), at::linear(x, local_weight), at::linear(x, gates_weight, gates_bias),
+                       history, conv_weight, conv_bias, state, keys, values, scores, times, length, start, episode_step,
+                       threshold, capacity, scale, score_kind, sink, norm_weight, norm_eps);
+  r[0] = at::linear(r[0], out_weight, out_bias);
+  return r;
+}
+
 TORCH_LIBRARY_FRAGMENT(ham_rl, m) {
   m.def("ham_step", &ham_step);
   m.def("memory_step", &memory_step);
+  m.def("layer_step", &layer_step);
 }

@@ -1,5 +1,6 @@
 """The HAM rollout step as one native call on CPU tensors (``cpu_step.cpp``): the default CPU path of ``ham_step``,
-and of the HAM layer's whole step between its projections (``cpu_memory_step``, which ``HybridMemory`` calls).
+and of the HAM layer's whole step from its input to its output projection (``cpu_layer_step``, which
+``HybridMemory`` calls).
 
 ``reference.ham_step`` is some 50 small torch ops a step for a batch of envs; this is one loop over the envs in C++,
 with the same in-place cache update and the same returns (to float32 round-off). Rollouts only: it has no backward,
@@ -15,7 +16,7 @@ from torch import Tensor
 from ham_rl.kernels import native
 from ham_rl.kernels.native import as_contiguous as _as
 
-__all__ = ["cpu_ham_step", "cpu_memory_step", "supports"]
+__all__ = ["cpu_ham_step", "cpu_layer_step", "supports"]
 
 _SCORE_KINDS = {"cosine": 0, "error": 1, "relative": 2}
 
@@ -91,10 +92,14 @@ def cpu_ham_step(
     return o, new_state if use_rnn else rnn_state, length, score, routed
 
 
-def cpu_memory_step(
-    qkv: Tensor,
-    local: Tensor,
-    gates: Tensor,
+def cpu_layer_step(
+    x: Tensor,
+    qkv_weight: Tensor,
+    local_weight: Tensor,
+    gates_weight: Tensor,
+    gates_bias: Tensor | None,
+    out_weight: Tensor,
+    out_bias: Tensor | None,
     history: Tensor,
     conv_weight: Tensor,
     conv_bias: Tensor,
@@ -114,22 +119,24 @@ def cpu_memory_step(
     norm_weight: Tensor,
     norm_eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The HAM layer's step from its input projections to its RMSNorm, as one native call, without grad.
+    """The HAM layer's whole step, input to output projection, as one native call, without grad.
 
-    ``qkv [B, 3 H D]``, ``local [B, H D]`` (the local path's projection), ``gates [B, 5 H]`` (the logits of the log
-    decay, beta and the RNN, attention and local gates), ``history [B, C - 1, H D]``, the short convolution's
-    ``conv_weight [C, H D]`` and ``conv_bias``, ``norm_weight [H D]``; the rest as ``cpu_ham_step``. Returns
-    ``(RMSNorm output [B, H D], rnn state, conv history, length, score, routed)``; the cache is written in place.
-    ``HybridMemory`` calls it where its layout is this one (``conv_path="local"``, unfolded, both paths, the surprise
-    router); ``cpu_step.cpp`` says what it computes.
+    ``x [B, input]``; the layer's projections as ``nn.Linear`` holds them: ``qkv_weight [3 H D, input]``,
+    ``local_weight [H D, input]`` (the local path's, before the convolution), ``gates_weight [5 H, input]`` (the
+    logits of the log decay, beta and the RNN, attention and local gates) and ``gates_bias``, ``out_weight [H D, H D]``
+    and ``out_bias``; ``history [B, C - 1, H D]``, the short convolution's ``conv_weight [C, H D]`` and ``conv_bias``,
+    ``norm_weight [H D]``; the rest as ``cpu_ham_step``. Returns ``(y [B, H D], rnn state, conv history, length,
+    score, routed)``; the cache is written in place. ``HybridMemory`` calls it where its layout is this one
+    (``conv_path="local"``, unfolded, both paths, the surprise router); ``cpu_step.cpp`` says what it computes.
     """
-    if not supports(qkv, keys, values, scores, times, rnn_state):
+    if not supports(x, keys, values, scores, times, rnn_state):
         raise ValueError("the native HAM step takes float32 tensors, int64 times and a cache with contiguous rows")
-    empty = qkv.new_empty(0)
+    empty = x.new_empty(0)
     with torch.no_grad():
         return tuple(
-            native.load_native().memory_step(
-                *(_as(t, torch.float32) for t in (qkv, local, gates, history, conv_weight, conv_bias, rnn_state)),
+            native.load_native().layer_step(
+                x, qkv_weight, local_weight, gates_weight, gates_bias, out_weight, out_bias,
+                *(_as(t, torch.float32) for t in (history, conv_weight, conv_bias, rnn_state)),
                 keys, values, scores, times, _as(length, torch.long), _as(start, torch.bool),
                 _as(episode_step, torch.long), float(threshold), int(capacity), _as(scale, torch.float32),
                 _SCORE_KINDS[score_kind], empty if sink is None else _as(sink, torch.float32), _as(norm_weight, torch.float32),

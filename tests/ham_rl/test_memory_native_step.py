@@ -1,4 +1,4 @@
-"""The HAM layer's native step (``cpu_memory_step``, the CPU default) equals its PyTorch step and its sequence form:
+"""The HAM layer's native step (``cpu_layer_step``, the CPU default) equals its PyTorch step and its sequence form:
 outputs, RNN state, convolution history, cache contents, routing; and it runs exactly where its layout fits."""
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ VARIANTS = {
 
 def _count_native_steps(monkeypatch) -> list:
     calls = []
-    original = cpu_step.cpu_memory_step
-    monkeypatch.setattr(cpu_step, "cpu_memory_step", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = cpu_step.cpu_layer_step
+    monkeypatch.setattr(cpu_step, "cpu_layer_step", lambda *a, **k: calls.append(1) or original(*a, **k))
     return calls
 
 
