@@ -13,6 +13,8 @@ import torch
 from gymnasium import spaces
 from torch import Tensor, nn
 
+from ham_rl.kernels.actor_critic import cpu_heads
+from ham_rl.kernels.actor_critic.reference import tanh
 from ham_rl.memory import MemoryState, make_memory
 
 __all__ = ["ActionHead", "RecurrentActorCritic", "layer_init"]
@@ -105,7 +107,7 @@ class Tanh(nn.Module):
     every minibatch."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(2 * x) * 2 - 1
+        return tanh(x)
 
 
 class RecurrentActorCritic(nn.Module):
@@ -155,8 +157,18 @@ class RecurrentActorCritic(nn.Module):
             updated in place (a rollout replaces its state at once), so keep ``state.clone()`` to hold on to it
         """
         y, state = self.memory.step(self.encoder(x), state, start, inplace=True)
+        if self.action_head.kind == "discrete":
+            actor, critic = self._head_weights
+            if cpu_heads.fits(y, *actor, *critic):  # the ops below, dispatched from C++: some 20 small ops a step
+                return (*cpu_heads.cpu_actor_critic_step(y, actor, critic, deterministic), state)
         action, logp = self.action_head.sample(self.actor(y), self.log_std, deterministic)
         return action, logp, self.critic(y).squeeze(-1), state
+
+    @property
+    def _head_weights(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """The actor's and the critic's ``(w1, b1, w2, b2)``."""
+        (a1, _, a2), (c1, _, c2) = self.actor, self.critic  # iterating a Sequential is cheaper than indexing it
+        return (a1.weight, a1.bias, a2.weight, a2.bias), (c1.weight, c1.bias, c2.weight, c2.bias)
 
     def value(self, x: Tensor, state: MemoryState, start: Tensor) -> Tensor:
         """Value ``[B]`` of one step from ``state`` (left as it was), e.g. to bootstrap a cut-off episode."""
@@ -175,5 +187,10 @@ class RecurrentActorCritic(nn.Module):
         """
         y, _ = self.memory(self.encoder(x), state, starts)
         y = y[:, context:]
+        if self.action_head.kind == "discrete":
+            actor, critic = self._head_weights
+            if cpu_heads.fits(y, *actor, *critic):  # the ops below, one native call forward and one backward
+                out = cpu_heads.cpu_actor_critic_evaluate(y.reshape(-1, y.shape[-1]), actions.reshape(-1), actor, critic)
+                return tuple(t.view(y.shape[:-1]) for t in out)
         logp, ent = self.action_head.evaluate(self.actor(y), self.log_std, actions)
         return logp, ent, self.critic(y).squeeze(-1)

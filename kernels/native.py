@@ -43,6 +43,7 @@ HEADERS = tuple((Path(__file__).parent / name).resolve() for name in ("vec16.h",
 SOURCES = tuple(
     (Path(__file__).parent / name).resolve()
     for name in (
+        "actor_critic/cpu_heads.cpp",
         "gated_delta_rule/cpu_recurrent.cpp",
         "ham_layer/cpu_layer.cpp",
         "ham_step/cpu_plan.cpp",
