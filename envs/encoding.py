@@ -6,6 +6,7 @@ Tuple and Dict -> the concatenation of their parts (Dict in the space's key orde
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,7 +35,7 @@ class SpaceEncoder:
         if isinstance(space, spaces.MultiDiscrete):
             return int(np.sum(space.nvec))
         if isinstance(space, (spaces.MultiBinary, spaces.Box)):
-            return int(np.prod(space.shape))
+            return math.prod(space.shape)
         if isinstance(space, spaces.Tuple):
             return sum(self._dim(s) for s in space.spaces)
         if isinstance(space, spaces.Dict):
@@ -64,7 +65,7 @@ class SpaceEncoder:
             out[np.arange(n)[:, None], off + offsets[None, :] + arr] = 1.0
             return off + int(np.sum(nvec))
         if isinstance(space, (spaces.MultiBinary, spaces.Box)):
-            d = int(np.prod(space.shape))
+            d = math.prod(space.shape)  # not np.prod: a numpy call per step costs more than the copy below
             out[:, off : off + d] = np.asarray(samples, dtype=np.float32).reshape(n, d)
             return off + d
         if isinstance(space, spaces.Tuple):

@@ -110,23 +110,26 @@ class VecEnv:
         final_obs: dict[int, Any] = {}
         self.final_infos = {}
         infos: list[dict] = [{}] * self.num_envs
+        rewards = [0.0] * self.num_envs
         for i, env in enumerate(self.envs):
             obs, r, term, trunc, infos[i] = env.step(act_list[i])
-            r = float(r)
-            self._rewards[i] = r
-            self._ep_return[i] += r
-            self._ep_length[i] += 1
+            rewards[i] = float(r)
             if term or trunc:
                 dones[i] = True
-                finished.append((i, float(self._ep_return[i]), int(self._ep_length[i])))
                 self.final_infos[i] = infos[i]
-                self._ep_return[i] = 0.0
-                self._ep_length[i] = 0
                 if trunc and not term:
                     self.truncated[i] = True
                     final_obs[i] = obs
                 obs, infos[i] = env.reset()
             self._obs[i] = obs
+        # the episode counters once for all envs (per env, three numpy scalar updates cost more than its step)
+        self._rewards[:] = rewards
+        self._ep_return += rewards
+        self._ep_length += 1
+        for i in np.flatnonzero(dones).tolist():
+            finished.append((i, float(self._ep_return[i]), int(self._ep_length[i])))
+        self._ep_return[dones] = 0.0
+        self._ep_length[dones] = 0
         self.infos = infos
         self._actions = act_list
         rewards = self._rewards.copy()
