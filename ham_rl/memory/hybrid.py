@@ -558,12 +558,14 @@ class HybridMemory(Memory):
         # Only the slots an env can use now, as views (writes land in the cache): spare allocation is never read.
         used = [t[:, :need] for t in (cache.keys, cache.values, cache.scores, cache.times)]
         rnn = S if self.use_rnn else x.new_zeros(B, H, d, d)
-        step = self._step_native if compiled is None and self._native_step_fits(x) else compiled or self._step_core
+        native = compiled is None and self._native_step_fits(x)
+        step = self._step_native if native else compiled or self._step_core
         y, rnn_new, history, length, score, routed = step(
             x, rnn, history, *used, cache.length, start, steps, self.tau if compiled else float(self.tau)
         )
         if self.use_attention:
-            self._stored.add_(routed.sum())  # in place: `+=` on a buffer also runs Module.__setattr__, every step
+            if not native:  # the native step counts them itself
+                self._stored.add_(routed.sum())  # in place: `+=` on a buffer also runs Module.__setattr__, every step
             self._seen.add_(B)
             self.last_routing = (score.detach(), routed)
             if self.threshold_rule == "quantile" and self.target_fraction is not None:
@@ -590,13 +592,14 @@ class HybridMemory(Memory):
         )
 
     def _step_native(self, x, rnn, history, keys, values, scores, times, length, start, steps, tau):
-        """``_step_core`` and the output projection as one native call (``cpu_layer_step``)."""
+        """``_step_core`` and the output projection as one native call (``cpu_layer_step``), which also counts the
+        routed steps into ``_stored``."""
         eps = self.norm.eps if self.norm.eps is not None else torch.finfo(torch.float32).eps
         sink = None if self.attn_sink is None else self.attn_sink.expand(x.shape[0], -1)
         return cpu_step.cpu_layer_step(
             x, self.qkv.weight, self.local.weight, self.gates.weight, self.gates.bias, self.out.weight, self.out.bias,
             history, self.conv.weight, self.conv.bias, rnn, keys, values, scores, times, length, start, steps, tau,
-            self.capacity, self.attn_log_scale.exp(), self.score, sink, self.norm.weight, eps,
+            self.capacity, self.attn_log_scale, self.score, sink, self.norm.weight, eps, self._stored,
         )  # fmt: skip
 
     def _step_core(self, x, rnn, history, keys, values, scores, times, length, start, steps, tau):

@@ -23,6 +23,8 @@ _SCORE_KINDS = {"cosine": 0, "error": 1, "relative": 2}
 
 def _rows_strided_only(t: Tensor) -> bool:
     """Every dim but the first is contiguous (a cache may be a slice of a larger reservation)."""
+    if t.dim() > 1 and t.shape[0] > 0:
+        return t[0].is_contiguous()  # one view, where the loop below costs several microseconds every rollout step
     expected = 1
     for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:]), strict=True):
         if size > 1 and stride != expected:
@@ -113,11 +115,12 @@ def cpu_layer_step(
     episode_step: Tensor,
     threshold: float | Tensor,
     capacity: int,
-    scale: Tensor,
+    log_scale: Tensor,
     score_kind: str,
     sink: Tensor | None,
     norm_weight: Tensor,
     norm_eps: float,
+    stored: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The HAM layer's whole step, input to output projection, as one native call, without grad.
 
@@ -125,21 +128,22 @@ def cpu_layer_step(
     ``local_weight [H D, input]`` (the local path's, before the convolution), ``gates_weight [5 H, input]`` (the
     logits of the log decay, beta and the RNN, attention and local gates) and ``gates_bias``, ``out_weight [H D, H D]``
     and ``out_bias``; ``history [B, C - 1, H D]``, the short convolution's ``conv_weight [C, H D]`` and ``conv_bias``,
-    ``norm_weight [H D]``; the rest as ``cpu_ham_step``. Returns ``(y [B, H D], rnn state, conv history, length,
-    score, routed)``; the cache is written in place. ``HybridMemory`` calls it where its layout is this one
-    (``conv_path="local"``, unfolded, both paths, the surprise router); ``cpu_step.cpp`` says what it computes.
+    ``log_scale [H]`` (the log of the attention's temperature), ``norm_weight [H D]``; ``stored``, a 0-dim float64
+    count the routed steps are added to in place; the rest as ``cpu_ham_step``. Returns ``(y [B, H D], rnn state, conv
+    history, length, score, routed)``; the cache is written in place. ``HybridMemory`` calls it where its layout is
+    this one (``conv_path="local"``, unfolded, both paths, the surprise router); ``cpu_step.cpp`` says what it
+    computes.
     """
     if not supports(x, keys, values, scores, times, rnn_state):
         raise ValueError("the native HAM step takes float32 tensors, int64 times and a cache with contiguous rows")
-    empty = x.new_empty(0)
-    with torch.no_grad():
-        return tuple(
-            native.load_native().layer_step(
-                x, qkv_weight, local_weight, gates_weight, gates_bias, out_weight, out_bias,
-                *(_as(t, torch.float32) for t in (history, conv_weight, conv_bias, rnn_state)),
-                keys, values, scores, times, _as(length, torch.long), _as(start, torch.bool),
-                _as(episode_step, torch.long), float(threshold), int(capacity), _as(scale, torch.float32),
-                _SCORE_KINDS[score_kind], empty if sink is None else _as(sink, torch.float32), _as(norm_weight, torch.float32),
-                float(norm_eps),
-            )
-        )  # fmt: skip
+    if stored.dtype != torch.float64 or stored.dim() != 0:
+        raise ValueError(f"stored must be a 0-dim float64 tensor, got {stored.dtype} of shape {tuple(stored.shape)}")
+    return tuple(
+        native.load_native().layer_step(
+            x, qkv_weight, local_weight, gates_weight, gates_bias, out_weight, out_bias,
+            *(_as(t, torch.float32) for t in (history, conv_weight, conv_bias, rnn_state)),
+            keys, values, scores, times, _as(length, torch.long), _as(start, torch.bool),
+            _as(episode_step, torch.long), float(threshold), int(capacity), log_scale, _SCORE_KINDS[score_kind],
+            sink, _as(norm_weight, torch.float32), float(norm_eps), stored,
+        )
+    )  # fmt: skip

@@ -52,12 +52,19 @@ def test_native_step_equals_the_torch_step_and_the_sequence_form(monkeypatch, va
     starts[0] = False
     starts[1, T // 2] = True
     calls = _count_native_steps(monkeypatch)
+    mem.end_update()  # the warm-up's sequence form counts nothing; start the step counts from zero anyway
     monkeypatch.setenv("HAM_RL_CPU_KERNEL", "native")
     y_native, s_native = run_steps(mem, x, state, starts)
     assert len(calls) == T, "the native step did not run for this layout"
+    tau = mem.threshold
+    counted_native = mem.end_update()["kv_fraction"]
+    mem.set_threshold(tau)  # end_update's feedback rule moved it
     monkeypatch.setenv("HAM_RL_CPU_KERNEL", "torch")
     y_torch, s_torch = run_steps(mem, x, state, starts)
     assert len(calls) == T
+    # the native step counts the routed steps itself (the feedback rule moves tau by them)
+    assert counted_native == mem.end_update()["kv_fraction"] > 0
+    mem.set_threshold(tau)
     torch.testing.assert_close(y_native, y_torch, atol=2e-5, rtol=0)
     assert_states_close(s_native, s_torch, atol=2e-5)
     y_seq, s_seq = mem(x, state, starts)
