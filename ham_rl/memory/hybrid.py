@@ -487,8 +487,11 @@ class HybridMemory(Memory):
             if self.router == "learned":
                 # Straight-through: 1 in the forward pass, d/dr = 1/r so the router learns from attention's use
                 values = values * (score / score.detach())[..., None, None]
-            keys_all = torch.cat([cache.keys.to(values.dtype), p["k"]], 1)  # [B, L0 + T, H, d]
-            values_all = torch.cat([cache.values.to(values.dtype), values], 1)
+            if cache.keys.shape[1]:
+                keys_all = torch.cat([cache.keys.to(values.dtype), p["k"]], 1)  # [B, L0 + T, H, d]
+                values_all = torch.cat([cache.values.to(values.dtype), values], 1)
+            else:  # no cache carried in (every row starts its episode here): no copy of the segment's keys and values
+                keys_all, values_all = p["k"], values
             index, visible = seen_candidates(plan.visible)
             index = plan.candidates(index)
             # Indexing, not gather: its backward keeps the index only, gather's also keeps the [B, L0 + T] keys
