@@ -205,7 +205,7 @@ class Memory(nn.Module):
         self._check(x, state, start, sequence=False)
         if not inplace and state.cache is not None:
             state = replace(state, cache=state.cache.clone())
-        steps = torch.where(start, torch.zeros_like(state.episode_len), state.episode_len)
+        steps = state.episode_len.masked_fill(start, 0)
         if self.time_embedding is not None:
             x = x + self.time_embedding(steps).to(x.dtype)
         y, new_state = self._step(x, state, start, steps)

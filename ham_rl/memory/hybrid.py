@@ -569,8 +569,8 @@ class HybridMemory(Memory):
         if self.use_attention:
             if not native:  # the native step counts them itself
                 self._stored.add_(routed.sum())  # in place: `+=` on a buffer also runs Module.__setattr__, every step
-            self._seen.add_(B)
-            self.last_routing = (score.detach(), routed)
+                self._seen.add_(B)
+            self.last_routing = (score if native else score.detach(), routed)  # the native step records no grad
             if self.threshold_rule == "quantile" and self.target_fraction is not None:
                 self._keep_scores(score)
             cache = KVCache(cache.keys, cache.values, cache.scores, cache.times, length)
@@ -596,13 +596,13 @@ class HybridMemory(Memory):
 
     def _step_native(self, x, rnn, history, keys, values, scores, times, length, start, steps, tau):
         """``_step_core`` and the output projection as one native call (``cpu_layer_step``), which also counts the
-        routed steps into ``_stored``."""
+        routed steps and the envs into ``_stored`` and ``_seen``."""
         eps = self.norm.eps if self.norm.eps is not None else torch.finfo(torch.float32).eps
         sink = None if self.attn_sink is None else self.attn_sink.expand(x.shape[0], -1)
         return cpu_step.cpu_layer_step(
             x, self.qkv.weight, self.local.weight, self.gates.weight, self.gates.bias, self.out.weight, self.out.bias,
             history, self.conv.weight, self.conv.bias, rnn, keys, values, scores, times, length, start, steps, tau,
-            self.capacity, self.attn_log_scale, self.score, sink, self.norm.weight, eps, self._stored,
+            self.capacity, self.attn_log_scale, self.score, sink, self.norm.weight, eps, self._stored, self._seen,
         )  # fmt: skip
 
     def _step_core(self, x, rnn, history, keys, values, scores, times, length, start, steps, tau):

@@ -342,8 +342,8 @@ std::vector<at::Tensor> memory_step(at::Tensor qkv, at::Tensor local, at::Tensor
 // HybridMemory's whole step, x [B, input] to y [B, H D]: its projections (qkv_weight [3 H D, input], local_weight
 // [H D, input], gates_weight [5 H, input] and gates_bias, out_weight [H D, H D] and out_bias; the biases may be None)
 // as at::linear, the calls its nn.Linear modules make, around memory_step, with the attention's temperature as its log
-// (log_scale [H]) and the routed steps added to `stored` (a 0-dim float64 count, in place); so a rollout step is one
-// call from Python, not a dozen ops. Returns (y, then memory_step's returns after its output).
+// (log_scale [H]), the routed steps added to `stored` and the envs to `seen` (0-dim float64 counts, in place); so a
+// rollout step is one call from Python, not a dozen ops. Returns (y, then memory_step's returns after its output).
 std::vector<at::Tensor> layer_step(at::Tensor x, at::Tensor qkv_weight, at::Tensor local_weight, at::Tensor gates_weight,
                                    std::optional<at::Tensor> gates_bias, at::Tensor out_weight,
                                    std::optional<at::Tensor> out_bias, at::Tensor history, at::Tensor conv_weight,
@@ -351,7 +351,7 @@ std::vector<at::Tensor> layer_step(at::Tensor x, at::Tensor qkv_weight, at::Tens
                                    at::Tensor scores, at::Tensor times, at::Tensor length, at::Tensor start,
                                    at::Tensor episode_step, double threshold, int64_t capacity, at::Tensor log_scale,
                                    int64_t score_kind, std::optional<at::Tensor> sink, at::Tensor norm_weight,
-                                   double norm_eps, at::Tensor stored) {
+                                   double norm_eps, at::Tensor stored, at::Tensor seen) {
   at::NoGradGuard no_grad;
   auto r = memory_step(at::linear(x, qkv_weight), at::linear(x, local_weight), at::linear(x, gates_weight, gates_bias),
                        history, conv_weight, conv_bias, state, keys, values, scores, times, length, start, episode_step,
@@ -362,6 +362,7 @@ std::vector<at::Tensor> layer_step(at::Tensor x, at::Tensor qkv_weight, at::Tens
   int64_t count = 0;
   for (int64_t b = 0; b < r[5].numel(); ++b) count += routed[b];
   *stored.data_ptr<double>() += static_cast<double>(count);
+  *seen.data_ptr<double>() += static_cast<double>(r[5].numel());
   return r;
 }
 

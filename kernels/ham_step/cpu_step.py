@@ -121,6 +121,7 @@ def cpu_layer_step(
     norm_weight: Tensor,
     norm_eps: float,
     stored: Tensor,
+    seen: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The HAM layer's whole step, input to output projection, as one native call, without grad.
 
@@ -128,22 +129,23 @@ def cpu_layer_step(
     ``local_weight [H D, input]`` (the local path's, before the convolution), ``gates_weight [5 H, input]`` (the
     logits of the log decay, beta and the RNN, attention and local gates) and ``gates_bias``, ``out_weight [H D, H D]``
     and ``out_bias``; ``history [B, C - 1, H D]``, the short convolution's ``conv_weight [C, H D]`` and ``conv_bias``,
-    ``log_scale [H]`` (the log of the attention's temperature), ``norm_weight [H D]``; ``stored``, a 0-dim float64
-    count the routed steps are added to in place; the rest as ``cpu_ham_step``. Returns ``(y [B, H D], rnn state, conv
-    history, length, score, routed)``; the cache is written in place. ``HybridMemory`` calls it where its layout is
-    this one (``conv_path="local"``, unfolded, both paths, the surprise router); ``cpu_step.cpp`` says what it
-    computes.
+    ``log_scale [H]`` (the log of the attention's temperature), ``norm_weight [H D]``; ``stored`` and ``seen``, 0-dim
+    float64 counts the routed steps and the envs are added to in place; the rest as ``cpu_ham_step``. Returns ``(y
+    [B, H D], rnn state, conv history, length, score, routed)``; the cache is written in place. ``HybridMemory`` calls
+    it where its layout is this one (``conv_path="local"``, unfolded, both paths, the surprise router);
+    ``cpu_step.cpp`` says what it computes.
     """
     if not supports(x, keys, values, scores, times, rnn_state):
         raise ValueError("the native HAM step takes float32 tensors, int64 times and a cache with contiguous rows")
-    if stored.dtype != torch.float64 or stored.dim() != 0:
-        raise ValueError(f"stored must be a 0-dim float64 tensor, got {stored.dtype} of shape {tuple(stored.shape)}")
+    for name, count in (("stored", stored), ("seen", seen)):
+        if count.dtype != torch.float64 or count.dim() != 0:
+            raise ValueError(f"{name} must be a 0-dim float64 tensor, got {count.dtype} of shape {tuple(count.shape)}")
     return tuple(
         native.load_native().layer_step(
             x, qkv_weight, local_weight, gates_weight, gates_bias, out_weight, out_bias,
             *(_as(t, torch.float32) for t in (history, conv_weight, conv_bias, rnn_state)),
             keys, values, scores, times, _as(length, torch.long), _as(start, torch.bool),
             _as(episode_step, torch.long), float(threshold), int(capacity), log_scale, _SCORE_KINDS[score_kind],
-            sink, _as(norm_weight, torch.float32), float(norm_eps), stored,
+            sink, _as(norm_weight, torch.float32), float(norm_eps), stored, seen,
         )
     )  # fmt: skip
