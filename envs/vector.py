@@ -1,7 +1,9 @@
 """In-process vector env with same-step autoreset and the agent's input features.
 
 popgym envs step in microseconds, so subprocess vectorisation only adds overhead (notes §5.3: 7-8x slower);
-this is a plain Python loop over the envs, which also lets us control autoreset.
+this is a plain Python loop over the envs, which also lets us control autoreset. The recall tasks' envs, whose step
+is a lookup in an episode drawn at reset, step together as arrays instead (``recall_stepper.py``), with the same
+results.
 
 Autoreset: when env b terminates or truncates at step t, its episode statistics are recorded, it is reset in the
 same call, and the features returned for b are those of the reset observation with ``starts[b] = True``. There is
@@ -30,6 +32,7 @@ from gymnasium import spaces
 
 from ham_rl.envs.encoding import SpaceEncoder
 from ham_rl.envs.env_state import EnvStateError, encode_envs, restore
+from ham_rl.envs.recall_stepper import RecallStepper
 from ham_rl.envs.registry import make_env, resolve_env_id
 
 __all__ = ["VecEnv"]
@@ -78,6 +81,7 @@ class VecEnv:
         self.infos: list[dict] = [{} for _ in range(b)]
         #: env index -> the info of its episode's last step, for the episodes the last ``step`` ended
         self.final_infos: dict[int, dict] = {}
+        self._stepper = RecallStepper.of(self.envs)  # None unless every env is a recall task's
 
     # ------------------------------------------------------------------------------------------------------------
     def reset(self) -> tuple[np.ndarray, np.ndarray]:
@@ -89,6 +93,8 @@ class VecEnv:
         for i, env in enumerate(self.envs):
             self._obs[i], infos[i] = env.reset(seed=self.seed + i)
         self.infos, self.final_infos = infos, {}
+        if self._stepper is not None:
+            self._stepper.reload()
         self._starts[:] = True
         self._ep_return[:] = 0.0
         self._ep_length[:] = 0
@@ -109,19 +115,26 @@ class VecEnv:
         self.truncated[:] = False
         final_obs: dict[int, Any] = {}
         self.final_infos = {}
-        infos: list[dict] = [{}] * self.num_envs
-        rewards = [0.0] * self.num_envs
-        for i, env in enumerate(self.envs):
-            obs, r, term, trunc, infos[i] = env.step(act_list[i])
-            rewards[i] = float(r)
-            if term or trunc:
-                dones[i] = True
+        if self._stepper is not None:  # every env a recall task's: one array step, then the resets one by one
+            self._obs, rewards, dones[:], infos = self._stepper.step(actions)
+            for i in np.flatnonzero(dones).tolist():
                 self.final_infos[i] = infos[i]
-                if trunc and not term:
-                    self.truncated[i] = True
-                    final_obs[i] = obs
-                obs, infos[i] = env.reset()
-            self._obs[i] = obs
+                self._obs[i], infos[i] = self.envs[i].reset()
+                self._stepper.load(i)
+        else:
+            infos = [{}] * self.num_envs
+            rewards = [0.0] * self.num_envs
+            for i, env in enumerate(self.envs):
+                obs, r, term, trunc, infos[i] = env.step(act_list[i])
+                rewards[i] = float(r)
+                if term or trunc:
+                    dones[i] = True
+                    self.final_infos[i] = infos[i]
+                    if trunc and not term:
+                        self.truncated[i] = True
+                        final_obs[i] = obs
+                    obs, infos[i] = env.reset()
+                self._obs[i] = obs
         # the episode counters once for all envs (per env, three numpy scalar updates cost more than its step)
         self._rewards[:] = rewards
         self._ep_return += rewards
@@ -171,11 +184,13 @@ class VecEnv:
         """Everything needed to continue exactly, as plain data (no pickles): each env's state (``env_state.encode``),
         its current observation and the per-env counters. An env whose state has no plain-data form is stored as
         ``None`` with the reason; loading restarts it."""
+        if self._stepper is not None:
+            self._stepper.sync()  # the envs' step counters, which the array steps keep
         return {
             "env_id": self.env_id,
             "num_envs": self.num_envs,
             "seed": self.seed,
-            **encode_envs(self.envs, self._obs),
+            **encode_envs(self.envs, list(self._obs)),
             **{name: torch.from_numpy(getattr(self, f"_{name}").copy()) for name in self.COUNTERS},
         }
 
@@ -207,6 +222,7 @@ class VecEnv:
                     reason = str(e)
             self._restart(i, reason)
             restarted.append(i)
+        self._stepper = RecallStepper.of(self.envs)  # an env may have been rebuilt; takes the restored episodes
         return restarted
 
     def _restart(self, i: int, reason: str) -> None:
