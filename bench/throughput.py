@@ -12,7 +12,8 @@ memory size. RecurrentPPO runs in one or both of two settings (--sb3-settings):
 
 Our trainer is timed after one untimed warm-up iteration (``agent.compile`` compiles there). Prints the median
 env-steps/s over the repeats (contenders interleaved so that machine load hits all alike) and the
-ratios to each RecurrentPPO setting.
+ratios to each RecurrentPPO setting; for the ratios the issue names, also the ratio within each repeat and their
+median (the contenders of one repeat run back to back, so a drift of the machine's speed between repeats cancels).
 
     python bench/throughput.py                  # the trainer's defaults: 32 envs x 64 steps, 8 minibatches; 3 repeats
     python bench/throughput.py --num-envs 8 --num-steps 128 --minibatches 4 --sb3-settings matched
@@ -218,11 +219,19 @@ def main() -> None:
         print(f"{k:24s} {v:18.0f}" + "".join(f" {v / b:24.2f}" for b in bases.values()))
     if "ours-ham" in med:
         for k, b in bases.items():
-            print(f"\nours-ham / {k} = {med['ours-ham'] / b:.2f}x (issue 19: >= 4x matched)")
+            print(f"\nours-ham / {k} = {med['ours-ham'] / b:.2f}x (issue 19: >= 4x matched){paired(results, 'ours-ham', k)}")
         if args.baseline:
+            base = f"{args.baseline}-ham"
             for k in ("ours-ham", "ours-ham-compile", "ours-ham-torch-kernels"):
                 if k in med:
-                    print(f"{k} / {args.baseline}-ham = {med[k] / med[f'{args.baseline}-ham']:.2f}x (issue 19: >= 3x)")
+                    print(f"{k} / {base} = {med[k] / med[base]:.2f}x (issue 19: >= 3x){paired(results, k, base)}")
+
+
+def paired(results: dict[str, list[float]], ours: str, base: str) -> str:
+    """The ratio within each repeat (run back to back, so the machine's drift between repeats cancels), and their
+    median: a steadier measure than the ratio of the medians where the machine's speed moves between repeats."""
+    ratios = [a / b for a, b in zip(results[ours], results[base], strict=True)]
+    return f"; per repeat {', '.join(f'{r:.2f}' for r in ratios)}, median {statistics.median(ratios):.2f}x"
 
 
 if __name__ == "__main__":
