@@ -558,11 +558,12 @@ class HybridMemory(Memory):
             need = min(int(cache.length.max()) + 1, self.capacity + 1 if self.capacity else math.inf)
             # Compiled, one spare slot keeps the views below strided alike at every size (no recompile on contiguity).
             cache = cache.reserve(need + 1 if compiled else need)
-        # Only the slots an env can use now, as views (writes land in the cache): spare allocation is never read.
-        used = [t[:, :need] for t in (cache.keys, cache.values, cache.scores, cache.times)]
         rnn = S if self.use_rnn else x.new_zeros(B, H, d, d)
         native = compiled is None and self._native_step_fits(x)
         step = self._step_native if native else compiled or self._step_core
+        used = (cache.keys, cache.values, cache.scores, cache.times)
+        if not native:  # only the slots an env can use now, as views (writes land in the cache; the native call reads
+            used = [t[:, :need] for t in used]  # no slot past an env's length, and writes at most slot `need - 1`)
         y, rnn_new, history, length, score, routed = step(
             x, rnn, history, *used, cache.length, start, steps, self.tau if compiled else float(self.tau)
         )
@@ -597,12 +598,14 @@ class HybridMemory(Memory):
     def _step_native(self, x, rnn, history, keys, values, scores, times, length, start, steps, tau):
         """``_step_core`` and the output projection as one native call (``cpu_layer_step``), which also counts the
         routed steps and the envs into ``_stored`` and ``_seen``."""
+        m = self._modules  # the parameters through the module dicts: every rollout step, attribute access costs ~1 us each
+        qkv, local, gates, out, conv, norm = (m[n]._parameters for n in ("qkv", "local", "gates", "out", "conv", "norm"))
         eps = self.norm.eps if self.norm.eps is not None else torch.finfo(torch.float32).eps
         sink = None if self.attn_sink is None else self.attn_sink.expand(x.shape[0], -1)
         return cpu_step.cpu_layer_step(
-            x, self.qkv.weight, self.local.weight, self.gates.weight, self.gates.bias, self.out.weight, self.out.bias,
-            history, self.conv.weight, self.conv.bias, rnn, keys, values, scores, times, length, start, steps, tau,
-            self.capacity, self.attn_log_scale, self.score, sink, self.norm.weight, eps, self._stored, self._seen,
+            x, qkv["weight"], local["weight"], gates["weight"], gates.get("bias"), out["weight"], out.get("bias"),
+            history, conv["weight"], conv["bias"], rnn, keys, values, scores, times, length, start, steps, tau,
+            self.capacity, self.attn_log_scale, self.score, sink, norm["weight"], eps, self._stored, self._seen,
         )  # fmt: skip
 
     def _step_core(self, x, rnn, history, keys, values, scores, times, length, start, steps, tau):

@@ -23,6 +23,8 @@ _SCORE_KINDS = {"cosine": 0, "error": 1, "relative": 2}
 
 def _rows_strided_only(t: Tensor) -> bool:
     """Every dim but the first is contiguous (a cache may be a slice of a larger reservation)."""
+    if t.is_contiguous():
+        return True
     if t.dim() > 1 and t.shape[0] > 0:
         return t[0].is_contiguous()  # one view, where the loop below costs several microseconds every rollout step
     expected = 1
