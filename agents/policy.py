@@ -159,7 +159,7 @@ class RecurrentActorCritic(nn.Module):
         y, state = self.memory.step(self.encoder(x), state, start, inplace=True)
         if self.action_head.kind == "discrete":
             actor, critic = self._head_weights
-            if cpu_heads.fits(y, *actor, *critic):  # the ops below, dispatched from C++: some 20 small ops a step
+            if cpu_heads.fits(y, *actor, *critic):  # the ops below as one native call: some 20 small ops a step
                 return (*cpu_heads.cpu_actor_critic_step(y, actor, critic, deterministic), state)
         action, logp = self.action_head.sample(self.actor(y), self.log_std, deterministic)
         return action, logp, self.critic(y).squeeze(-1), state
