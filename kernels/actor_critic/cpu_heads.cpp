@@ -16,6 +16,23 @@
 
 namespace {
 
+// 2 sigmoid(2x) - 1 = 2 / (1 + exp(-2x)) - 1 (reference.py's tanh) of n floats, in place.
+void tanh_n(float* p, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) p[i] *= -2.0f;
+  ham_rl_vec::exp_n(p, p, n);
+  for (int64_t i = 0; i < n; ++i) p[i] = 2.0f / (1.0f + p[i]) - 1.0f;
+}
+
+// out = log_softmax(x) over A logits: x - max - log(sum(exp(x - max))); out may be x.
+void log_softmax_row(const float* x, float* out, int64_t A) {
+  float mx = x[0];
+  for (int64_t a = 1; a < A; ++a) mx = std::max(mx, x[a]);
+  float sum = 0.0f;
+  for (int64_t a = 0; a < A; ++a) sum += std::exp(x[a] - mx);
+  const float lse = std::log(sum);
+  for (int64_t a = 0; a < A; ++a) out[a] = x[a] - mx - lse;
+}
+
 // out[b, :] = act(bias + x[b, :] W^T) for the B rows of x [B, N], W [M, N]; Wt is W transposed [N, M], so each x[b, n]
 // scales a contiguous row of M weights (16 at a time where M is a multiple of 16).
 void linear_rows(const float* x, const float* Wt, const float* bias, int64_t B, int64_t N, int64_t M, bool tanh,
@@ -35,11 +52,7 @@ void linear_rows(const float* x, const float* Wt, const float* bias, int64_t B, 
       for (int64_t n = 0; n < N; ++n) acc += xb[n] * Wt[n * M + m];
       o[m] = acc;
     }
-    if (tanh) {  // 2 sigmoid(2x) - 1 = 2 / (1 + exp(-2x)) - 1
-      for (int64_t m = 0; m < M; ++m) o[m] *= -2.0f;
-      exp_n(o, o, M);
-      for (int64_t m = 0; m < M; ++m) o[m] = 2.0f / (1.0f + o[m]) - 1.0f;
-    }
+    if (tanh) tanh_n(o, M);
   }
 }
 
@@ -74,18 +87,9 @@ std::vector<at::Tensor> actor_critic_step(at::Tensor y, at::Tensor actor_w1, at:
   const int64_t B = yc.size(0), N = yc.size(1), A = actor_w2.size(0);
   const std::vector<float> logits = head(yc.data_ptr<float>(), B, N, actor_w1, actor_b1, actor_w2, actor_b2);
   const std::vector<float> values = head(yc.data_ptr<float>(), B, N, critic_w1, critic_b1, critic_w2, critic_b2);
-  // log_softmax per row: x - max - log(sum(exp(x - max)))
   auto logp_all = at::empty({B, A}, y.options());
   float* lp = logp_all.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) {
-    const float* x = logits.data() + b * A;
-    float mx = x[0];
-    for (int64_t a = 1; a < A; ++a) mx = std::max(mx, x[a]);
-    float sum = 0.0f;
-    for (int64_t a = 0; a < A; ++a) sum += std::exp(x[a] - mx);
-    const float lse = std::log(sum);
-    for (int64_t a = 0; a < A; ++a) lp[b * A + a] = x[a] - mx - lse;
-  }
+  for (int64_t b = 0; b < B; ++b) log_softmax_row(logits.data() + b * A, lp + b * A, A);
   at::Tensor action;
   {
     at::NoGradGuard no_grad;
@@ -106,16 +110,7 @@ std::vector<at::Tensor> actor_critic_step(at::Tensor y, at::Tensor actor_w1, at:
 
 namespace {
 
-// 2 sigmoid(2x) - 1 of every element of x, in place.
-void tanh_in_place(at::Tensor& x) {
-  float* p = x.data_ptr<float>();
-  const int64_t n = x.numel();
-  for (int64_t i = 0; i < n; ++i) p[i] *= -2.0f;
-  ham_rl_vec::exp_n(p, p, n);
-  for (int64_t i = 0; i < n; ++i) p[i] = 2.0f / (1.0f + p[i]) - 1.0f;
-}
-
-// d/dx of the tanh above from its output t, times the incoming gradient g: g (1 - t^2), in place in g.
+// d/dx of tanh_n from its output t, times the incoming gradient g: g (1 - t^2), in place in g.
 void tanh_backward_in_place(at::Tensor& g, const at::Tensor& t) {
   float* gp = g.data_ptr<float>();
   const float* tp = t.data_ptr<float>();
@@ -133,9 +128,9 @@ std::vector<at::Tensor> actor_critic_evaluate_forward(at::Tensor y, at::Tensor a
                                                       at::Tensor critic_b2) {
   at::NoGradGuard no_grad;
   auto ha = at::addmm(actor_b1, y, actor_w1.t());
-  tanh_in_place(ha);
+  tanh_n(ha.data_ptr<float>(), ha.numel());
   auto hc = at::addmm(critic_b1, y, critic_w1.t());
-  tanh_in_place(hc);
+  tanh_n(hc.data_ptr<float>(), hc.numel());
   auto lp = at::addmm(actor_b2, ha, actor_w2.t()).contiguous();
   const auto vout = at::addmm(critic_b2, hc, critic_w2.t());
   const int64_t N = lp.size(0), A = lp.size(1);
@@ -148,14 +143,9 @@ std::vector<at::Tensor> actor_critic_evaluate_forward(at::Tensor y, at::Tensor a
   const int64_t* act = actions.data_ptr<int64_t>();
   for (int64_t n = 0; n < N; ++n) {
     float* x = lpp + n * A;
-    float mx = x[0];
-    for (int64_t a = 1; a < A; ++a) mx = std::max(mx, x[a]);
-    float sum = 0.0f;
-    for (int64_t a = 0; a < A; ++a) sum += std::exp(x[a] - mx);
-    const float lse = mx + std::log(sum);
+    log_softmax_row(x, x, A);
     float h = 0.0f;
     for (int64_t a = 0; a < A; ++a) {
-      x[a] -= lse;
       pp[n * A + a] = std::exp(x[a]);
       h -= pp[n * A + a] * x[a];
     }
