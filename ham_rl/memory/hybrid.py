@@ -571,7 +571,7 @@ class HybridMemory(Memory):
             if not native:  # the native step counts them itself
                 self._stored.add_(routed.sum())  # in place: `+=` on a buffer also runs Module.__setattr__, every step
                 self._seen.add_(B)
-            self.last_routing = (score if native else score.detach(), routed)  # the native step records no grad
+            self.last_routing = (score.detach(), routed)
             if self.threshold_rule == "quantile" and self.target_fraction is not None:
                 self._keep_scores(score)
             cache = KVCache(cache.keys, cache.values, cache.scores, cache.times, length)
