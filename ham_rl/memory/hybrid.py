@@ -22,8 +22,9 @@ from torch import Tensor, nn
 
 from ham_rl.kernels.cache_attention import cache_attention
 from ham_rl.kernels.gated_delta_rule import gated_delta_rule
-from ham_rl.kernels.ham_layer import cpu_layer
-from ham_rl.kernels.ham_step import SCORES, cpu_step, ham_step, plan_cache, seen_candidates, surprise_score
+from ham_rl.kernels.gated_delta_rule.cpu_recurrent import VECTOR_WIDTHS
+from ham_rl.kernels.ham_layer import cpu_layer, cpu_sequence
+from ham_rl.kernels.ham_step import SCORES, attention_plan, cpu_step, ham_step, surprise_score
 from ham_rl.kernels.native import use_native
 from ham_rl.memory.base import Memory
 from ham_rl.memory.l2norm import l2norm
@@ -388,7 +389,48 @@ class HybridMemory(Memory):
 
     # -- sequence form -------------------------------------------------------------------------------------
     def _sequence(self, x, state, starts, steps):
+        if self._native_sequence_fits(x, state):
+            out = self._sequence_native(x, state, starts, steps)
+            if out is not None:  # else an input is not finite: the op-by-op path contains it to its episode
+                return out
         return self._sequence_group([self], [x], [state], starts, [steps])[0]
+
+    def _native_sequence_fits(self, x: Tensor, state: MemoryState) -> bool:
+        """Whether the sequence form runs as one autograd node (``cpu_layer_sequence``): the layout of the native step
+        (``_native_step_fits``) without a sink, float32 on a CPU, and a carried-in state that needs no gradient."""
+        cache = state.cache
+        return (
+            self.use_rnn
+            and self.use_attention
+            and self.router == "surprise"
+            and self.conv_path == "local"
+            and not self.conv_folded
+            and not self.fixed_decay
+            and self.attn_sink is None
+            and x.dtype == self.qkv.weight.dtype == cache.keys.dtype == torch.float32
+            and self.head_dim in VECTOR_WIDTHS  # the delta rule's vector path
+            and not any(t.requires_grad for t in (*state.rnn, cache.keys, cache.values))
+            and use_native(x)
+        )
+
+    def _sequence_native(self, x: Tensor, state: MemoryState, starts: Tensor, steps: Tensor):
+        """``_sequence`` as one autograd node, or None where an input is not finite."""
+        S, history = self._split_rnn(state.rnn)
+        cache = state.cache
+        weights = cpu_sequence.LayerWeights(
+            self.qkv.weight, self.local.weight, self.gates.weight, self.gates.bias, self.conv.weight, self.conv.bias,
+            self.attn_log_scale, self.norm.weight, self.out.weight, self.out.bias,
+        )  # fmt: skip
+        eps = self.norm.eps if self.norm.eps is not None else torch.finfo(torch.float32).eps
+        channels = tuple(self.gate_names.index(n) for n in ("gate_rnn", "gate_attn", "gate_local"))
+        out = cpu_sequence.cpu_layer_sequence(
+            x, weights, starts, steps, S, history, (cache.keys, cache.values, cache.scores, cache.times, cache.length),
+            self.tau, self.capacity, self.score, self.num_heads, channels, eps,
+        )  # fmt: skip
+        if out is None:
+            return None
+        y, S, history, *cache = out
+        return y, MemoryState(rnn=self._join_rnn(S, history), cache=KVCache(*cache), episode_len=state.episode_len)
 
     def _inputs(self, x: Tensor, state: MemoryState, steps: Tensor) -> tuple[dict[str, Tensor], Tensor | None, Tensor | None]:
         """This memory's per-token quantities for a segment, with its RNN state and conv history: ``(p, S, history)``."""
@@ -479,7 +521,7 @@ class HybridMemory(Memory):
                     score = surprise_score(v_hat, p["v"], self.score)  # [B, T]
         if self.use_attention:
             routed = score.detach() >= tau
-            plan = plan_cache(
+            candidates, visible, final_source, final_length = attention_plan(
                 cache.scores, cache.times, cache.length, starts, steps, score.detach(), routed, self.capacity,
                 fifo=self.router == "all",
             )  # fmt: skip
@@ -492,13 +534,11 @@ class HybridMemory(Memory):
                 values_all = torch.cat([cache.values.to(values.dtype), values], 1)
             else:  # no cache carried in (every row starts its episode here): no copy of the segment's keys and values
                 keys_all, values_all = p["k"], values
-            index, visible = seen_candidates(plan.visible)
-            index = plan.candidates(index)
             # Indexing, not gather: its backward keeps the index only, gather's also keeps the [B, L0 + T] keys
-            rows = torch.arange(index.shape[0], device=index.device)[:, None]
-            keys, values = keys_all[rows, index], values_all[rows, index]
+            rows = torch.arange(candidates.shape[0], device=candidates.device)[:, None]
+            keys, values = keys_all[rows, candidates], values_all[rows, candidates]
             o_kv = cache_attention(p["q_attn"], keys, values, visible, 1.0, p.get("sink"))
-            cache = self._gather_cache(cache, plan, keys_all, values_all, score, steps)
+            cache = self._gather_cache(cache, final_source, final_length, keys_all, values_all, score, steps)
         return o_rnn, o_kv, S, cache
 
     # -- several memories over the same rows (the actor's and the critic's) ----------------------------------
@@ -521,9 +561,10 @@ class HybridMemory(Memory):
         return [(m._add_clock(y, s), state) for m, (y, state), s in zip(memories, out, steps, strict=True)]
 
     @staticmethod
-    def _gather_cache(cache: KVCache, plan, keys_all: Tensor, values_all: Tensor, score: Tensor, steps: Tensor) -> KVCache:
-        """The cache after the segment: the candidates the plan keeps, in the step form's slot order."""
-        src = plan.final_source  # [B, Lf]
+    def _gather_cache(
+        cache: KVCache, src: Tensor, length: Tensor, keys_all: Tensor, values_all: Tensor, score: Tensor, steps: Tensor
+    ) -> KVCache:
+        """The cache after the segment: the candidates the plan keeps (``src [B, Lf]``), in the step form's slot order."""
         rows = torch.arange(src.shape[0], device=src.device)[:, None]
         scores_all = torch.cat([cache.scores, score.detach().to(cache.scores.dtype)], 1)
         times_all = torch.cat([cache.times, steps], 1)
@@ -532,7 +573,7 @@ class HybridMemory(Memory):
             values=values_all[rows, src],
             scores=scores_all.gather(1, src),
             times=times_all.gather(1, src),
-            length=plan.final_length,
+            length=length,
         )
 
     # -- step form -----------------------------------------------------------------------------------------

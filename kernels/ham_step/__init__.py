@@ -9,7 +9,7 @@ from torch import Tensor
 from ham_rl.kernels.backend import resolve_backend
 from ham_rl.kernels.gated_delta_rule.reference import accumulation_dtype
 from ham_rl.kernels.ham_step import cpu_step
-from ham_rl.kernels.ham_step.cache_plan import CachePlan, plan_cache, seen_candidates
+from ham_rl.kernels.ham_step.cache_plan import CachePlan, attention_plan, plan_cache, seen_candidates
 from ham_rl.kernels.ham_step.reference import SCORES, choose_slot, surprise_score
 from ham_rl.kernels.ham_step.reference import ham_step as reference_ham_step
 from ham_rl.kernels.native import use_native
@@ -17,6 +17,7 @@ from ham_rl.kernels.nonfinite import zero_rows
 
 __all__ = [
     "CachePlan",
+    "attention_plan",
     "choose_slot",
     "ham_step",
     "plan_cache",

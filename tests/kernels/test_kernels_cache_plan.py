@@ -73,3 +73,36 @@ def test_capacity_plan_native_equals_the_pytorch_replay(monkeypatch):
     assert torch.equal(got.final_length, ref.final_length)
     assert torch.equal(got.final_source, ref.final_source)
     assert int(got.visible.sum(2).max()) == capacity, "the cache filled to capacity, so eviction was exercised"
+
+
+def test_attention_plan_native_equals_the_pytorch_plan_and_candidates(monkeypatch):
+    # Without a capacity the plan and the attention's candidates are one native call (cpu_plan.cpp's plan_unbounded):
+    # the same candidates, masks, final slots and lengths as plan_cache + seen_candidates, element for element (the
+    # padding columns and slots too), across no routed token, all routed, a carried cache or none, one step, resets.
+    import itertools
+
+    import pytest
+
+    from ham_rl.kernels import native
+    from ham_rl.kernels.ham_step import attention_plan, seen_candidates
+
+    if not native.native_available():
+        pytest.skip("the native CPU kernels could not be built here")
+    g = torch.Generator().manual_seed(0)
+    calls, load = [], native.load_native
+    monkeypatch.setattr(native, "load_native", lambda: calls.append(1) or load())
+    cases = itertools.product((1, 3), (1, 5, 40), (0, 1, 7), (0.0, 0.1, 1.0), (0.0, 0.1, 0.5))
+    for B, T, L0, p_route, p_start in cases:
+        length0 = torch.randint(0, L0 + 1, (B,), generator=g)
+        starts, routed = torch.rand(B, T, generator=g) < p_start, torch.rand(B, T, generator=g) < p_route
+        score, steps = torch.rand(B, T, generator=g), torch.arange(T).expand(B, T)
+        scores, times = torch.rand(B, L0, generator=g), torch.randint(0, 9, (B, L0), generator=g)
+        calls.clear()
+        got = attention_plan(scores, times, length0, starts, steps, score, routed, 0)
+        assert calls, "the CPU plan without a capacity did not run the native call"
+        plan = plan_cache(scores, times, length0, starts, steps, score, routed, 0)
+        index, seen = seen_candidates(plan.visible)
+        want = (plan.candidates(index), seen, plan.final_source, plan.final_length)
+        for name, a, b in zip(("candidates", "seen", "final_source", "final_length"), got, want, strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b), f"{name} differs at B={B} T={T} L0={L0}"
+        assert got[1].shape[-1] % 16 == 0
