@@ -24,6 +24,7 @@ from ham_rl.agents.context import EpisodeContext
 from ham_rl.agents.policy import RecurrentActorCritic
 from ham_rl.agents.rng_state import numpy_rng_from_plain, numpy_rng_to_plain, python_rng_from_plain, python_rng_to_plain
 from ham_rl.envs import VecEnv
+from ham_rl.kernels.ppo_loss import ppo_loss
 from ham_rl.memory import MemoryState
 from ham_rl.routing import RoutingTrace, informative_flags
 
@@ -299,28 +300,14 @@ class PPO:
                 mb = perm[start : start + envs_per_mb].to(dev)
                 x, state, starts, context = self.context.rows(mb, b_obs, b_starts, self.state0, agent)
                 newlogprob, entropy, newvalue = agent.evaluate_actions(x, state, starts, b_actions[mb], context)
-                logratio = newlogprob - b_logprobs[mb]
-                ratio = logratio.exp()
-                with torch.no_grad():
-                    approx_kl = ((ratio - 1) - logratio).mean()
-                    approx_kls.append(approx_kl)
-                    clipfracs.append(((ratio - 1.0).abs() > cfg.clip_coef).float().mean())
-                mb_advantages = b_advantages[mb]
-                if cfg.norm_adv:
-                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-                # policy loss
-                pg_loss1 = -mb_advantages * ratio
-                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - cfg.clip_coef, 1 + cfg.clip_coef)
-                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-                # value loss
-                if cfg.clip_vloss:
-                    v_loss_unclipped = (newvalue - b_returns[mb]) ** 2
-                    v_clipped = b_values[mb] + torch.clamp(newvalue - b_values[mb], -cfg.clip_coef, cfg.clip_coef)
-                    v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - b_returns[mb]) ** 2).mean()
-                else:
-                    v_loss = 0.5 * ((newvalue - b_returns[mb]) ** 2).mean()
-                entropy_loss = entropy.mean()
-                loss = pg_loss - cfg.ent_coef * entropy_loss + v_loss * cfg.vf_coef
+                # CleanRL's clipped policy loss, clipped value loss and entropy bonus (kernels/ppo_loss/reference.py;
+                # one native call on CPU tensors)
+                loss, pg_loss, v_loss, entropy_loss, approx_kl, clipfrac = ppo_loss(
+                    newlogprob, entropy, newvalue, b_logprobs[mb], b_advantages[mb], b_returns[mb], b_values[mb],
+                    cfg.clip_coef, cfg.ent_coef, cfg.vf_coef, cfg.norm_adv, cfg.clip_vloss,
+                )  # fmt: skip
+                approx_kls.append(approx_kl)
+                clipfracs.append(clipfrac)
                 finite = torch.isfinite(loss.detach()).double()
                 if self.data_parallel is not None:  # every rank stops at the same minibatch, none waits for another
                     finite = self.data_parallel.mean(finite).floor()

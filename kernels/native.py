@@ -48,6 +48,7 @@ SOURCES = tuple(
         "ham_layer/cpu_layer.cpp",
         "ham_step/cpu_plan.cpp",
         "ham_step/cpu_step.cpp",
+        "ppo_loss/cpu_loss.cpp",
         "short_conv/cpu_conv.cpp",
     )
 )
