@@ -46,6 +46,7 @@ SOURCES = tuple(
         "actor_critic/cpu_heads.cpp",
         "gated_delta_rule/cpu_recurrent.cpp",
         "ham_layer/cpu_layer.cpp",
+        "ham_layer/cpu_sequence.cpp",
         "ham_step/cpu_plan.cpp",
         "ham_step/cpu_step.cpp",
         "ppo_loss/cpu_loss.cpp",

@@ -1,15 +1,16 @@
 """The HAM layer's sequence form (``HybridMemory``'s native path, input to output) as one autograd node on CPU.
 
-Forward and backward each call the layer's native kernels (``short_conv``, ``cpu_layer``, the delta rule's
-``cpu_recurrent``), torch's CPU flash attention and a few matmuls in a fixed order, with no autograd graph of their
-own. Built op by op, the same layer records some 60 autograd nodes a segment, and a PPO update replays a 4 x 202-step
-minibatch through them 32 times an iteration: the nodes, their saved-tensor bookkeeping and the ops that only exist to
-route gradients (the zero-filled index backward, unbind's stack, cat's slices) cost as much as the kernels' arithmetic.
+Built op by op, the layer records some 60 autograd nodes a segment, and a PPO update replays a 4 x 202-step minibatch
+through them 32 times an iteration: the nodes, their saved tensors and the ops that only route gradients (the
+zero-filled index backward, unbind's stack, cat's slices) cost about as much as the kernels' arithmetic. Here the
+forward calls the layer's native kernels (``short_conv``, ``cpu_layer``, the delta rule's ``cpu_recurrent``), the cache
+plan (``ham_step.attention_plan``) and torch's CPU flash attention without recording a graph, and the backward is one
+native call (``cpu_sequence.cpp``) that runs the same kernels' backward in reverse; the input projections' backward is
+one matmul for the input and one for the weights (the three projections' gradients side by side).
 
-The plan of what each token sees (``ham_step.cache_plan``) and the routing score carry no gradient and run as before.
-The input projections' backward is one matmul for the input and one for the weights (the three projections'
-gradients side by side). The results equal the op-by-op path's within float32 round-off (the matmuls group their sums
-differently); ``tests/kernels/test_kernels_ham_layer.py`` compares outputs, the final state and every gradient.
+The results equal the op-by-op path's within float32 round-off (the matmuls and the gradient scatter group their sums
+differently); ``tests/kernels/test_kernels_ham_layer.py`` compares outputs, the final state and every gradient, with
+and without a carried-in cache, with a capacity, and with the final state differentiated.
 
 The node takes finite inputs only: ``cpu_layer_sequence`` returns None when a projection, the carried-in state or the
 attention's query holds a NaN or an inf, and the caller runs the op-by-op path, whose kernels contain a bad token to
@@ -49,10 +50,6 @@ class LayerWeights(NamedTuple):
     out_bias: Tensor  # [D_out]
 
 
-def _flat(t: Tensor, *shape: int) -> Tensor:
-    return t.reshape(*shape).contiguous()
-
-
 class _LayerSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, *args):
@@ -65,15 +62,13 @@ class _LayerSequence(torch.autograd.Function):
         B, T, C = x.shape
         N, H = B * T, heads
         qkv, lin, z = proj
-        D, d = lin.shape[-1], lin.shape[-1] // H
+        d = lin.shape[-1] // H
         G = z.shape[-1] // H
         z = z.view(N, G, H)
         pre, history = ops.conv_forward(lin, history0, steps, weights.conv.contiguous(), weights.conv_bias.contiguous())
         local = F.silu(pre)
         log_scale = weights.log_scale.contiguous()
-        qkvn, gates, q_attn, inv, above = ops.layer_tokens_forward(
-            qkv.view(N, 3, H, d), z, log_scale, 1e-12
-        )
+        qkvn, gates, q_attn, inv, above = ops.layer_tokens_forward(qkv.view(N, 3, H, d), z, log_scale, 1e-12)
         qkvn4 = qkvn.view(B, T, 3, H, d)
         q, k, v = (qkvn4[:, :, i].contiguous() for i in range(3))
         gates4 = gates.view(B, T, G, H)
@@ -117,58 +112,16 @@ class _LayerSequence(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, dS, _dhistory, dkeys_f, dvalues_f, *_):
-        (
-            x, lin, history0, steps, pre, qkvn, gates, z, inv, above, q, k, v, beta, g, st, checkpoints, index, src,
-            mask, anything, qa, ka, va, o_att, lse, o_rnn, o_kv, local, y_norm, rstd,
-        ) = ctx.saved_tensors  # fmt: skip
         w, (channels, L0) = ctx.weights, ctx.meta
-        ops = native.load_native()
-        B, T, C = x.shape
-        N, (_, _, H, d) = B * T, q.shape
-        G = gates.shape[1]
-        dy = torch.zeros(B, T, w.out.shape[0]) if dy is None else dy
-        dyf = dy.reshape(N, -1)
-        d_out, d_out_bias = dyf.t().mm(y_norm), dyf.sum(0)
-        d_ynorm = dyf.mm(w.out)
-        do_rnn, do_kv, d_local, d_gates, d_norm = ops.layer_readout_backward(
-            d_ynorm, o_rnn.view(N, H, d), o_kv, local.view(N, H, d), gates, w.norm.contiguous(), rstd, *channels
-        )
-        do_att = torch.where(anything[:, :, None, None], do_kv.view(B, T, H, d), 0.0).transpose(1, 2)
-        dqa, dka, dva = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do_att, qa, ka, va, o_att, lse, 0.0, False, attn_mask=mask, scale=1.0
-        )
-        rows = torch.arange(B)[:, None]
-        dk_all = x.new_zeros(B, L0 + T, H, d).index_put_((rows, index), dka.transpose(1, 2), accumulate=True)
-        dv_all = x.new_zeros(B, L0 + T, H, d).index_put_((rows, index), dva.transpose(1, 2), accumulate=True)
-        if dkeys_f is not None:
-            dk_all.index_put_((rows, src), dkeys_f, accumulate=True)
-        if dvalues_f is not None:
-            dv_all.index_put_((rows, src), dvalues_f, accumulate=True)
+        x = ctx.saved_tensors[0]
         empty = x.new_empty(0)
-        dq, dk, dv, dbeta, dg = ops.gdr_backward(
-            q, k, v, beta, g, st, checkpoints, do_rnn.view(B, T, H, d), empty,
-            empty if dS is None else dS.contiguous(), 1.0, DEFAULT_BLOCK, False,
-        )[:5]  # fmt: skip
-        dk += dk_all[:, L0:]
-        dv += dv_all[:, L0:]
-        d_qkvn = torch.stack([dq, dk, dv], 2).view(N, 3, H, d)
-        d_gates = d_gates.view(B, T, G, H)
-        d_gates[:, :, 0] += dg
-        d_gates[:, :, 1] += dbeta
-        dqkv, dz, d_log_scale = ops.layer_tokens_backward(
-            d_qkvn, d_gates.view(N, G, H), dqa.transpose(1, 2).reshape(N, H, d), qkvn, gates, z, inv, above,
-            w.log_scale.contiguous(),
+        dy = torch.zeros(*x.shape[:2], w.out.shape[0]) if dy is None else dy.contiguous()
+        weights = [t.contiguous() for t in (w.qkv, w.local, w.gates, w.conv, w.log_scale, w.norm, w.out)]
+        grads = native.load_native().layer_sequence_backward(
+            ctx.saved_tensors, weights, dy, *(empty if t is None else t.contiguous() for t in (dS, dkeys_f, dvalues_f)),
+            *channels, L0, DEFAULT_BLOCK,
         )  # fmt: skip
-        d_pre = torch.ops.aten.silu_backward(d_local.view(B, T, -1), pre).contiguous()
-        d_lin, _, d_conv, d_conv_bias = ops.conv_backward(d_pre, lin, history0, steps, w.conv.contiguous())
-        # The three projections' gradients side by side: one matmul for the input, one for the weights.
-        d_proj = torch.cat([dqkv.view(N, -1), d_lin.view(N, -1), dz.view(N, -1)], 1)  # [N, 3D + D + G H]
-        d_x = d_proj.mm(torch.cat([w.qkv, w.local, w.gates])).view(B, T, C)
-        d_w = d_proj.t().mm(x.reshape(N, C))
-        d_qkv_w, d_local_w, d_gates_w = d_w.split([w.qkv.shape[0], w.local.shape[0], w.gates.shape[0]])
-        d_weights = (d_qkv_w, d_local_w, d_gates_w, dz.view(N, -1).sum(0), d_conv, d_conv_bias, d_log_scale, d_norm,
-                     d_out, d_out_bias)  # fmt: skip
-        return (d_x, *d_weights, *([None] * 17))
+        return (*grads, *([None] * 17))
 
 
 def cpu_layer_sequence(
