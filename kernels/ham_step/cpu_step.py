@@ -18,7 +18,7 @@ from ham_rl.kernels.native import as_contiguous as _as
 
 __all__ = ["cpu_ham_step", "cpu_layer_step", "supports"]
 
-_SCORE_KINDS = {"cosine": 0, "error": 1, "relative": 2}
+SCORE_KINDS = {"cosine": 0, "error": 1, "relative": 2}
 
 
 def _rows_strided_only(t: Tensor) -> bool:
@@ -79,8 +79,8 @@ def cpu_ham_step(
     """
     if not checked and not supports(q, keys, values, scores, times, rnn_state):
         raise ValueError("the native HAM step takes float32 tensors, int64 times and a cache with contiguous rows")
-    if score_kind not in _SCORE_KINDS:
-        raise ValueError(f"score_kind={score_kind!r}: allowed {', '.join(_SCORE_KINDS)}")
+    if score_kind not in SCORE_KINDS:
+        raise ValueError(f"score_kind={score_kind!r}: allowed {', '.join(SCORE_KINDS)}")
     H, K = q.shape[1], q.shape[2]
     scale = K**-0.5 if scale is None else scale
     scale = _as(scale.expand(H), torch.float32) if isinstance(scale, Tensor) else q.new_full((H,), scale)
@@ -91,7 +91,7 @@ def cpu_ham_step(
             *floats, _as(rnn_state, torch.float32) if use_rnn else empty, keys, values, scores, times,
             _as(length, torch.long), _as(start, torch.bool), _as(episode_step, torch.long), float(threshold),
             int(capacity), empty if router_score is None else _as(router_score, torch.float32), bool(use_rnn),
-            bool(use_attention), scale, _SCORE_KINDS[score_kind], empty if sink is None else _as(sink, torch.float32),
+            bool(use_attention), scale, SCORE_KINDS[score_kind], empty if sink is None else _as(sink, torch.float32),
         )  # fmt: skip
     return o, new_state if use_rnn else rnn_state, length, score, routed
 
@@ -147,7 +147,7 @@ def cpu_layer_step(
             x, qkv_weight, local_weight, gates_weight, gates_bias, out_weight, out_bias,
             *(_as(t, torch.float32) for t in (history, conv_weight, conv_bias, rnn_state)),
             keys, values, scores, times, _as(length, torch.long), _as(start, torch.bool),
-            _as(episode_step, torch.long), float(threshold), int(capacity), log_scale, _SCORE_KINDS[score_kind],
+            _as(episode_step, torch.long), float(threshold), int(capacity), log_scale, SCORE_KINDS[score_kind],
             sink, _as(norm_weight, torch.float32), float(norm_eps), stored, seen,
         )
     )  # fmt: skip

@@ -142,7 +142,8 @@ def _segment(memory, x, state, starts, fused: bool, monkeypatch, state_grads: bo
         ({"capacity": 3}, True, False),  # evictions: the native capacity replay plans the cache
         ({"threshold": 0.0}, True, True),  # every step cached
         ({"threshold": 1e9}, True, False),  # nothing cached: the attention reads nothing, its output is 0
-        ({"gate_bias": 2.0, "score": "cosine"}, True, False),
+        ({"gate_bias": 2.0, "score": "cosine"}, True, False),  # the router's other scores, computed natively too
+        ({"score": "relative"}, False, False),
     ],
 )
 def test_memory_sequence_pass_as_one_node_equals_the_pass_op_by_op(monkeypatch, options, carried, state_grads):
