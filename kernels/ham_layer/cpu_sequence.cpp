@@ -236,18 +236,27 @@ Tensors layer_sequence_backward(Tensors s, Tensors w, Tn dy, Tn dS, Tn dkeys, Tn
         dgp[(n * G + 1) * H + h] += db_p[n * H + h];
       }
   }
-  const Tn d_qkvn = at::stack({dq, dk, dv}, 2).view({N, 3, H, d});
+  Tn d_qkvn = at::empty({N, 3, H, d}, x.options());  // [dq, dk, dv] per token (at::stack's copy, as a loop)
+  {
+    const float* parts[3] = {dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>()};
+    float* out = d_qkvn.data_ptr<float>();
+    const int64_t row = H * d;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t p = 0; p < 3; ++p) std::copy_n(parts[p] + n * row, row, out + (n * 3 + p) * row);
+  }
   const Tensors tb = tokens_backward.call(d_qkvn, d_gates, dqa.transpose(1, 2).reshape({N, H, d}), qkvn, gates, z,
                                           inv, above, log_scale);
   const Tn &dqkv = tb[0], &dz = tb[1], &d_log_scale = tb[2];
   const Tn d_pre = at::silu_backward(d_local.view({B, T, -1}), pre).contiguous();
   const Tensors cb = conv_backward.call(d_pre, lin, history0, steps, w_conv);
 
-  // The three projections' gradients side by side: one matmul for the input, one for the weights.
-  const Tn dz_flat = dz.view({N, -1});
-  const Tn d_proj = at::cat({dqkv.view({N, -1}), cb[0].view({N, -1}), dz_flat}, 1);
-  const Tn d_x = d_proj.mm(at::cat({w_qkv, w_local, w_gates})).view({B, T, C});
-  const Tensors d_w = d_proj.t().mm(x.reshape({N, C})).split_with_sizes({w_qkv.size(0), w_local.size(0), w_gates.size(0)});
+  // The three projections' gradients: the input's summed into one output, each weight's its own matmul.
+  const Tn dz_flat = dz.view({N, -1}), dqkv_flat = dqkv.view({N, -1}), dlin_flat = cb[0].view({N, -1});
+  const Tn xf = x.reshape({N, C});
+  Tn d_x = dqkv_flat.mm(w_qkv);
+  d_x.addmm_(dlin_flat, w_local).addmm_(dz_flat, w_gates);
+  d_x = d_x.view({B, T, C});
+  const Tensors d_w = {dqkv_flat.t().mm(xf), dlin_flat.t().mm(xf), dz_flat.t().mm(xf)};
   return {d_x, d_w[0], d_w[1], d_w[2], dz_flat.sum(0), cb[2], cb[3], d_log_scale, d_norm, d_out, d_out_bias};
 }
 
