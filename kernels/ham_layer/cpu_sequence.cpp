@@ -5,7 +5,7 @@
 // norms and gates, the delta rule, the router's score, the cache plan and the candidates each token reads, torch's
 // CPU flash attention over them, the readout, the output projection and the cache after the segment. Backward: the
 // same in reverse, the attention's key and value gradients scattered to their tokens, the three input projections'
-// as two matmuls. The layer's other kernels are called through the dispatcher (each lives in its own source);
+// gradients accumulated into the input's in place. The layer's other kernels are called through the dispatcher (each lives in its own source);
 // between them are plain loops, where the same steps from Python were some 80 ops, each with its dispatch and an
 // interpreter's worth of branches around it.
 //

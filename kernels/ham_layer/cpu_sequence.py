@@ -5,8 +5,8 @@ through them 32 times an iteration: the nodes, their saved tensors, the ops that
 zero-filled index backward, unbind's stack, cat's slices) and the interpreter between them cost about as much as the
 kernels' arithmetic. Here the forward and the backward are one native call each (``cpu_sequence.cpp``), which run the
 layer's kernels (``short_conv``, ``cpu_layer``, the delta rule's ``cpu_recurrent``, the cache plan of ``ham_step``)
-and torch's CPU flash attention in order, joined by plain loops; the input projections' backward is one matmul for
-the input and one for the weights (the three projections' gradients side by side).
+and torch's CPU flash attention in order, joined by plain loops instead of the ops that copy, stack and scatter
+between them.
 
 The results equal the op-by-op path's within float32 round-off (the matmuls and the gradient scatter group their sums
 differently), and its routing, plan and cache exactly; ``tests/kernels/test_kernels_ham_layer.py`` compares outputs,
