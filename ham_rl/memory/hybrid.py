@@ -397,7 +397,8 @@ class HybridMemory(Memory):
 
     def _native_sequence_fits(self, x: Tensor, state: MemoryState) -> bool:
         """Whether the sequence form runs as one autograd node (``cpu_layer_sequence``): the layout of the native step
-        (``_native_step_fits``) without a sink, float32 on a CPU, and a carried-in state that needs no gradient."""
+        (``_native_step_fits``) without a sink, float32 on a CPU outside autocast, and a carried-in state that needs no
+        gradient."""
         cache = state.cache
         return (
             self.use_rnn
@@ -410,6 +411,7 @@ class HybridMemory(Memory):
             and x.dtype == self.qkv.weight.dtype == cache.keys.dtype == torch.float32
             and self.head_dim in VECTOR_WIDTHS  # the delta rule's vector path
             and not any(t.requires_grad for t in (*state.rnn, cache.keys, cache.values))
+            and not torch.is_autocast_enabled(x.device.type)  # its matmuls would run in the autocast dtype
             and use_native(x)
         )
 
@@ -623,7 +625,8 @@ class HybridMemory(Memory):
 
     def _native_step_fits(self, x: Tensor) -> bool:
         """Whether this step runs as one native call (``cpu_layer_step``): the HAM layer's own layout (both paths,
-        the surprise router, the local convolution path unfolded, the learned decay), float32 on a CPU, no grad."""
+        the surprise router, the local convolution path unfolded, the learned decay), float32 on a CPU outside autocast,
+        no grad."""
         return (
             self.use_rnn
             and self.use_attention
@@ -633,6 +636,7 @@ class HybridMemory(Memory):
             and not self.fixed_decay
             and x.dtype == torch.float32
             and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(x.device.type)  # its projections would run in the autocast dtype
             and use_native(x)
         )
 
