@@ -202,12 +202,15 @@ def test_state_with_bad_bookkeeping():
 def test_ham_under_autocast_runs_its_pytorch_ops():
     # The native sequence node and step run their projections inside C++, where autocast would hand the float32
     # kernels bfloat16 tensors: under autocast ham runs its PyTorch ops, forward, backward and step.
-    mem = make_memory("ham", 4, 8, num_heads=2)
+    mem = make_memory("ham", 24, 64)  # the layout the native calls take: heads of 16, the convolution unfolded
+    x = torch.randn(2, 3, 24)
+    y_native, _ = mem(x, mem.initial_state(2), STARTS)
+    assert type(y_native.grad_fn).__name__ == "_LayerSequenceBackward", "outside autocast the node runs"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y, _ = mem(X, mem.initial_state(2), STARTS)
+        y, _ = mem(x, mem.initial_state(2), STARTS)
         assert type(y.grad_fn).__name__ != "_LayerSequenceBackward"
         y.float().sum().backward()
         with torch.no_grad():
-            y1, _ = mem.step(X[:, 0], mem.initial_state(2), STARTS[:, 0])
+            y1, _ = mem.step(x[:, 0], mem.initial_state(2), STARTS[:, 0])
     assert y.dtype == y1.dtype == torch.bfloat16
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mem.parameters())
