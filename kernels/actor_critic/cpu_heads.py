@@ -23,8 +23,13 @@ __all__ = ["cpu_actor_critic_evaluate", "cpu_actor_critic_step", "fits"]
 
 
 def fits(y: Tensor, *weights: Tensor) -> bool:
-    """Whether the native calls take these: float32 CPU tensors, the native kernels chosen and built."""
-    return all(t.dtype == torch.float32 for t in (y, *weights)) and native.use_native(y)
+    """Whether the native calls take these: float32 CPU tensors outside autocast (the update's matmuls inside the call
+    would run in its dtype), the native kernels chosen and built."""
+    return (
+        all(t.dtype == torch.float32 for t in (y, *weights))
+        and not torch.is_autocast_enabled(y.device.type)
+        and native.use_native(y)
+    )
 
 
 def cpu_actor_critic_step(

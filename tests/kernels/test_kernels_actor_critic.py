@@ -171,3 +171,16 @@ def test_other_action_spaces_keep_the_torch_heads(monkeypatch):
         agent.step(x[:, 0], agent.initial_state(2), starts[:, 0])
     agent.evaluate_actions(x, agent.initial_state(2), starts, torch.zeros(2, 5, 2, dtype=torch.long))
     assert calls == {"step": 0, "evaluate": 0}
+
+
+def test_the_policy_under_autocast_keeps_the_torch_heads():
+    # The update's native call runs its matmuls inside C++, where autocast would hand its float32 loops bfloat16
+    # tensors; under autocast the policy evaluates with its own ops.
+    torch.manual_seed(0)
+    agent = RecurrentActorCritic(10, spaces.Discrete(4), "gru", 64)
+    x, starts = torch.randn(3, 5, 10), torch.zeros(3, 5, dtype=torch.bool)
+    starts[:, 0] = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, ent, value = agent.evaluate_actions(x, agent.initial_state(3), starts, torch.zeros(3, 5, dtype=torch.long))
+    assert logp.shape == ent.shape == value.shape == (3, 5)
+    assert torch.isfinite(logp).all() and torch.isfinite(value).all()
