@@ -376,12 +376,20 @@ class HybridMemory(Memory):
         """``o [..., H, d]`` (gated sum of both paths) -> ``y [..., hidden_size]``."""
         return self.out(self.norm(o.flatten(-2).to(self.out.weight.dtype)))
 
+    def _norm_eps(self) -> float:
+        """RMSNorm's eps as the native readouts take it: its float32 default where the module has none."""
+        return self.norm.eps if self.norm.eps is not None else torch.finfo(torch.float32).eps
+
+    def _readout_settings(self) -> tuple[tuple[int, int, int], float]:
+        """What the native sequence readouts take besides tensors: the rows of the gates that hold the RNN's, the
+        attention's and the local path's readout gates, and ``_norm_eps``."""
+        return tuple(self.gate_names.index(n) for n in ("gate_rnn", "gate_attn", "gate_local")), self._norm_eps()
+
     def _readout_native(self, o_rnn: Tensor, o_kv: Tensor, local: Tensor, gates: Tensor) -> Tensor:
         """``_readout(_add_local(p, _gated(p, o_rnn, o_kv)))`` as one native call (forward and backward) before the
         output projection, from the paths ``[B, T, H, d]`` and the gates ``[B, T, G, H]`` of ``cpu_tokens``."""
         H, d, G = self.num_heads, self.head_dim, len(self.gate_names)
-        eps = self.norm.eps if self.norm.eps is not None else torch.finfo(torch.float32).eps
-        channels = tuple(self.gate_names.index(n) for n in ("gate_rnn", "gate_attn", "gate_local"))
+        channels, eps = self._readout_settings()
         lead = o_rnn.shape[:-2]
         flat = [t.reshape(-1, H, d) for t in (o_rnn, o_kv.to(o_rnn.dtype), local)]
         y = cpu_layer.cpu_readout(*flat, gates.reshape(-1, G, H), self.norm.weight, channels, eps)
@@ -395,11 +403,9 @@ class HybridMemory(Memory):
                 return out
         return self._sequence_group([self], [x], [state], starts, [steps])[0]
 
-    def _native_sequence_fits(self, x: Tensor, state: MemoryState) -> bool:
-        """Whether the sequence form runs as one autograd node (``cpu_layer_sequence``): the layout of the native step
-        (``_native_step_fits``) without a sink, float32 on a CPU outside autocast, and a carried-in state that needs no
-        gradient."""
-        cache = state.cache
+    def _native_layout(self) -> bool:
+        """Whether this memory has the layout the native step and sequence calls compute: the HAM layer's own (both
+        paths, the surprise router, the local convolution path unfolded, the learned decay)."""
         return (
             self.use_rnn
             and self.use_attention
@@ -407,6 +413,14 @@ class HybridMemory(Memory):
             and self.conv_path == "local"
             and not self.conv_folded
             and not self.fixed_decay
+        )
+
+    def _native_sequence_fits(self, x: Tensor, state: MemoryState) -> bool:
+        """Whether the sequence form runs as one autograd node (``cpu_layer_sequence``): ``_native_layout`` without a
+        sink, float32 on a CPU outside autocast, and a carried-in state that needs no gradient."""
+        cache = state.cache
+        return (
+            self._native_layout()
             and self.attn_sink is None
             and x.dtype == self.qkv.weight.dtype == cache.keys.dtype == torch.float32
             and self.head_dim in VECTOR_WIDTHS  # the delta rule's vector path
@@ -423,8 +437,7 @@ class HybridMemory(Memory):
             self.qkv.weight, self.local.weight, self.gates.weight, self.gates.bias, self.conv.weight, self.conv.bias,
             self.attn_log_scale, self.norm.weight, self.out.weight, self.out.bias,
         )  # fmt: skip
-        eps = self.norm.eps if self.norm.eps is not None else torch.finfo(torch.float32).eps
-        channels = tuple(self.gate_names.index(n) for n in ("gate_rnn", "gate_attn", "gate_local"))
+        channels, eps = self._readout_settings()
         out = cpu_sequence.cpu_layer_sequence(
             x, weights, starts, steps, S, history, (cache.keys, cache.values, cache.scores, cache.times, cache.length),
             self.tau, self.capacity, self.score, self.num_heads, channels, eps,
@@ -624,16 +637,10 @@ class HybridMemory(Memory):
         return y, MemoryState(rnn=rnn_state, cache=cache, episode_len=state.episode_len)
 
     def _native_step_fits(self, x: Tensor) -> bool:
-        """Whether this step runs as one native call (``cpu_layer_step``): the HAM layer's own layout (both paths,
-        the surprise router, the local convolution path unfolded, the learned decay), float32 on a CPU outside autocast,
-        no grad."""
+        """Whether this step runs as one native call (``cpu_layer_step``): ``_native_layout``, float32 on a CPU outside
+        autocast, no grad."""
         return (
-            self.use_rnn
-            and self.use_attention
-            and self.router == "surprise"
-            and self.conv_path == "local"
-            and not self.conv_folded
-            and not self.fixed_decay
+            self._native_layout()
             and x.dtype == torch.float32
             and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled(x.device.type)  # its projections would run in the autocast dtype
@@ -645,7 +652,7 @@ class HybridMemory(Memory):
         routed steps and the envs into ``_stored`` and ``_seen``."""
         m = self._modules  # the parameters through the module dicts: every rollout step, attribute access costs ~1 us each
         qkv, local, gates, out, conv, norm = (m[n]._parameters for n in ("qkv", "local", "gates", "out", "conv", "norm"))
-        eps = self.norm.eps if self.norm.eps is not None else torch.finfo(torch.float32).eps
+        eps = self._norm_eps()
         sink = None if self.attn_sink is None else self.attn_sink.expand(x.shape[0], -1)
         return cpu_step.cpu_layer_step(
             x, qkv["weight"], local["weight"], gates["weight"], gates.get("bias"), out["weight"], out.get("bias"),
