@@ -38,7 +38,9 @@ __all__ = [
 CPU_KERNELS = ("native", "torch")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast"]
 #: what the sources share (16-float vectors, the cache slot rule); a change to one rebuilds them
-HEADERS = tuple((Path(__file__).parent / name).resolve() for name in ("vec16.h", "ham_step/slot_rule.h"))
+HEADERS = tuple(
+    (Path(__file__).parent / name).resolve() for name in ("vec16.h", "ham_step/slot_rule.h", "ham_step/columns.h")
+)
 #: every native kernel's source; they build into one library
 SOURCES = tuple(
     (Path(__file__).parent / name).resolve()

@@ -28,6 +28,8 @@
 #include <cmath>
 #include <vector>
 
+#include "../ham_step/columns.h"
+
 namespace {
 
 using Tensors = std::vector<at::Tensor>;
@@ -69,21 +71,14 @@ Tn gather_rows(const Tn& src, const Tn& index) {
 Tensors seen_columns(const Tn& visible, int64_t multiple) {
   const int64_t B = visible.size(0), T = visible.size(1), C = visible.size(2);
   const bool* vp = visible.data_ptr<bool>();
-  std::vector<int64_t> order(B * C), used(B);
+  std::vector<int64_t> order(B * C);
   int64_t W = 1;
   for (int64_t b = 0; b < B; ++b) {
     std::vector<char> any(C, 0);
     for (int64_t t = 0; t < T; ++t)
       for (int64_t c = 0; c < C; ++c) any[c] |= vp[(b * T + t) * C + c];
-    int64_t u = 0;
-    for (int64_t c = 0; c < C; ++c)
-      if (any[c]) order[b * C + u++] = c;
-    used[b] = u;
-    for (int64_t c = 0, i = u; c < C; ++c)
-      if (!any[c]) order[b * C + i++] = c;
-    W = std::max(W, u);
+    W = std::max(W, ham_rl_columns::chosen_first(any.data(), C, order.data() + b * C));
   }
-  W = std::min(W, C);
   const int64_t S = W + (multiple - W % multiple) % multiple;
   auto index = at::zeros({B, S}, visible.options().dtype(at::kLong));
   auto seen = at::zeros({B, T, S}, visible.options());

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "columns.h"
 #include "slot_rule.h"
 
 namespace {
@@ -119,19 +120,10 @@ std::vector<at::Tensor> plan_unbounded(at::Tensor length, int64_t L0, at::Tensor
         any[c] = 1;
       }
     }
-    int64_t u = 0, k = 0;
-    for (int64_t c = 0; c < C; ++c) {
-      if (any[c]) used[b * C + u++] = c;
-      if (last[c]) kept[b * C + k++] = c;
-    }
-    n_used[b] = u;
-    n_kept[b] = k;
-    for (int64_t c = 0, i = u, j = k; c < C; ++c) {
-      if (!any[c]) used[b * C + i++] = c;
-      if (!last[c]) kept[b * C + j++] = c;
-    }
-    W = std::max(W, u);
-    Lf = std::max(Lf, k);
+    n_used[b] = ham_rl_columns::chosen_first(any.data(), C, used.data() + b * C);
+    n_kept[b] = ham_rl_columns::chosen_first(last.data(), C, kept.data() + b * C);
+    W = std::max(W, n_used[b]);
+    Lf = std::max(Lf, n_kept[b]);
   }
   const int64_t S = W + (multiple - W % multiple) % multiple;
   auto long_opts = length.options();
