@@ -108,8 +108,7 @@ def cpu_layer_sequence(
         cache = (*(t[:, :0] for t in cache[:4]), torch.zeros_like(cache[4]))
     state = (
         starts.bool().contiguous(), steps.long().contiguous(), x.new_empty(0) if S0 is None else S0.contiguous(),
-        history0.contiguous(), *(t.contiguous() for t in cache[:2]), cache[2].contiguous(), cache[3].long().contiguous(),
-        cache[4].long().contiguous(),
+        history0.contiguous(), *(t.contiguous() for t in cache[:3]), *(t.long().contiguous() for t in cache[3:]),
     )  # fmt: skip
     settings = (tau.detach(), int(capacity), SCORE_KINDS[score_kind], int(heads), *channels, float(eps), DEFAULT_BLOCK)
     try:
