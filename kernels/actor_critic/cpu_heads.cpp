@@ -3,12 +3,13 @@
 // more than its arithmetic (cpu_heads.py).
 //
 // y [B, N]; actor and critic weights as nn.Linear holds them (w1 [M, N], b1 [M], w2 [A, M], b2 [A]; the critic's A
-// is 1); tanh is reference.py's 2 sigmoid(2x) - 1. The sample is at::multinomial of the probabilities (the default
-// generator, one draw per row, as torch.multinomial in the reference), or their argmax. Returns (action [B] int64,
+// is 1); tanh is reference.py's 2 sigmoid(2x) - 1. The sample is at::multinomial's of the probabilities (its draws
+// from the default generator, one per row, as torch.multinomial in the reference), or their argmax. Returns (action [B] int64,
 // log-prob [B], value [B]).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -33,46 +34,76 @@ void log_softmax_row(const float* x, float* out, int64_t A) {
   for (int64_t a = 0; a < A; ++a) out[a] = x[a] - mx - lse;
 }
 
-// out[b, :] = act(bias + x[b, :] W^T) for the B rows of x [B, N], W [M, N]; Wt is W transposed [N, M], so each x[b, n]
-// scales a contiguous row of M weights (16 at a time where M is a multiple of 16).
-void linear_rows(const float* x, const float* Wt, const float* bias, int64_t B, int64_t N, int64_t M, bool tanh,
-                 float* out) {
-  using namespace ham_rl_vec;
-  for (int64_t b = 0; b < B; ++b) {
-    float* o = out + b * M;
-    const float* xb = x + b * N;
-    int64_t m0 = 0;
-    for (; m0 + 16 <= M; m0 += 16) {
-      Float16 acc = load16(bias + m0);
-      for (int64_t n = 0; n < N; ++n) acc += xb[n] * load16(Wt + n * M + m0);
-      store16(o + m0, acc);
-    }
-    for (int64_t m = m0; m < M; ++m) {
-      float acc = bias[m];
-      for (int64_t n = 0; n < N; ++n) acc += xb[n] * Wt[n * M + m];
-      o[m] = acc;
-    }
-    if (tanh) tanh_n(o, M);
-  }
+// The index of the largest of A values, the first where several tie, a NaN counting as largest (at::argmax's rule).
+int64_t argmax_row(const float* x, int64_t A) {
+  int64_t best = 0;
+  for (int64_t a = 1; a < A && !std::isnan(x[best]); ++a)
+    if (std::isnan(x[a]) || x[a] > x[best]) best = a;
+  return best;
 }
 
-std::vector<float> transposed(const at::Tensor& w) {
-  const auto c = w.contiguous();
-  const int64_t M = c.size(0), N = c.size(1);
-  const float* p = c.data_ptr<float>();
-  std::vector<float> t(N * M);
+// A Linear's weight W [M, N] transposed, Wt [N, Mp], and its bias [Mp], both zero past M: Mp is M rounded up to a
+// multiple of 16, so that every output is computed 16 at a time.
+struct Packed {
+  std::vector<float> wt, bias;
+  int64_t N, M, Mp;
+};
+
+Packed pack(const at::Tensor& w, const at::Tensor& bias) {
+  const auto c = w.contiguous(), bc = bias.contiguous();
+  const int64_t M = c.size(0), N = c.size(1), Mp = (M + 15) / 16 * 16;
+  Packed P{std::vector<float>(N * Mp, 0.0f), std::vector<float>(Mp, 0.0f), N, M, Mp};
+  const float *p = c.data_ptr<float>(), *bp = bc.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) t[n * M + m] = p[m * N + n];
-  return t;
+    for (int64_t n = 0; n < N; ++n) P.wt[n * Mp + m] = p[m * N + n];
+  std::copy_n(bp, M, P.bias.begin());
+  return P;
 }
 
-// The two-layer head: [B, N] -> [B, A].
+// out[b, m0 + 16 j + i] = bias + x[b, :] W^T for R rows from b and NB blocks of 16 outputs from m0: R x NB
+// accumulators side by side (one alone waits out each multiply-add's latency), each summing bias, then n = 0, 1, ...
+// in order.
+template <int R, int NB>
+void linear_tile(const float* x, int64_t ldx, const Packed& P, int64_t m0, float* out) {
+  using namespace ham_rl_vec;
+  Float16 acc[R][NB];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j) acc[r][j] = load16(P.bias.data() + m0 + 16 * j);
+  for (int64_t n = 0; n < P.N; ++n) {
+    const float* w = P.wt.data() + n * P.Mp + m0;
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NB; ++j) acc[r][j] += x[r * ldx + n] * load16(w + 16 * j);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j) store16(out + r * P.Mp + m0 + 16 * j, acc[r][j]);
+}
+
+// out[b, :] = act(bias + x[b, :] W^T) for the B rows of x (row stride ldx), into out [B, Mp]: each x[b, n] scales a
+// contiguous row of weights, 16 outputs at a time, in tiles of 2 rows x 4 blocks (a hidden layer of 64) or 4 rows x 1
+// block (the logits, the value).
+void linear_rows(const float* x, int64_t ldx, const Packed& P, int64_t B, bool tanh, float* out) {
+  int64_t m0 = 0;
+  for (; m0 + 64 <= P.Mp; m0 += 64) {
+    int64_t b = 0;
+    for (; b + 2 <= B; b += 2) linear_tile<2, 4>(x + b * ldx, ldx, P, m0, out + b * P.Mp);
+    for (; b < B; ++b) linear_tile<1, 4>(x + b * ldx, ldx, P, m0, out + b * P.Mp);
+  }
+  for (; m0 < P.Mp; m0 += 16) {
+    int64_t b = 0;
+    for (; b + 4 <= B; b += 4) linear_tile<4, 1>(x + b * ldx, ldx, P, m0, out + b * P.Mp);
+    for (; b < B; ++b) linear_tile<1, 1>(x + b * ldx, ldx, P, m0, out + b * P.Mp);
+  }
+  if (tanh)
+    for (int64_t b = 0; b < B; ++b) tanh_n(out + b * P.Mp, P.M);
+}
+
+// The two-layer head: y [B, N] -> out [B, Ap] (A outputs, then padding).
 std::vector<float> head(const float* y, int64_t B, int64_t N, const at::Tensor& w1, const at::Tensor& b1,
                         const at::Tensor& w2, const at::Tensor& b2) {
-  const int64_t M = w1.size(0), A = w2.size(0);
-  std::vector<float> hidden(B * M), out(B * A);
-  linear_rows(y, transposed(w1).data(), b1.contiguous().data_ptr<float>(), B, N, M, true, hidden.data());
-  linear_rows(hidden.data(), transposed(w2).data(), b2.contiguous().data_ptr<float>(), B, M, A, false, out.data());
+  const Packed P1 = pack(w1, b1), P2 = pack(w2, b2);
+  std::vector<float> hidden(B * P1.Mp), out(B * P2.Mp);
+  linear_rows(y, N, P1, B, true, hidden.data());
+  linear_rows(hidden.data(), P1.Mp, P2, B, false, out.data());
   return out;
 }
 
@@ -85,22 +116,40 @@ std::vector<at::Tensor> actor_critic_step(at::Tensor y, at::Tensor actor_w1, at:
   TORCH_CHECK(critic_w2.size(0) == 1, "actor_critic_step: the critic has one output");
   const auto yc = y.contiguous();
   const int64_t B = yc.size(0), N = yc.size(1), A = actor_w2.size(0);
+  const int64_t Ap = (A + 15) / 16 * 16, Vp = 16;  // the rows' strides in logits and values
   const std::vector<float> logits = head(yc.data_ptr<float>(), B, N, actor_w1, actor_b1, actor_w2, actor_b2);
   const std::vector<float> values = head(yc.data_ptr<float>(), B, N, critic_w1, critic_b1, critic_w2, critic_b2);
   auto logp_all = at::empty({B, A}, y.options());
   float* lp = logp_all.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) log_softmax_row(logits.data() + b * A, lp + b * A, A);
-  at::Tensor action;
-  {
+  for (int64_t b = 0; b < B; ++b) log_softmax_row(logits.data() + b * Ap, lp + b * A, A);
+  auto action = at::empty({B}, y.options().dtype(at::kLong));
+  int64_t* act = action.data_ptr<int64_t>();
+  if (deterministic) {
+    for (int64_t b = 0; b < B; ++b) act[b] = argmax_row(lp + b * A, A);
+  } else {
+    // at::multinomial(probs, 1)'s own algorithm, without its half-dozen checking ops: q ~ Exp(1) from the default
+    // generator, then argmax(probs / q), so the draws and the actions are torch.multinomial's.
     at::NoGradGuard no_grad;
-    action = deterministic ? logp_all.argmax(-1) : at::multinomial(logp_all.exp(), 1).squeeze(-1);
+    const at::Tensor probs = logp_all.exp(), q = at::empty_like(probs).exponential_(1.0);
+    const float* pp = probs.data_ptr<float>();
+    float* qp = q.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) {
+      float sum = 0.0f;
+      for (int64_t a = 0; a < A; ++a) {
+        const float p = pp[b * A + a];
+        TORCH_CHECK(p >= 0.0f && p < INFINITY, "probability tensor contains either `inf`, `nan` or element < 0");
+        sum += p;
+        qp[b * A + a] = p / qp[b * A + a];
+      }
+      TORCH_CHECK(sum > 0.0f, "invalid multinomial distribution (sum of probabilities <= 0)");
+      act[b] = argmax_row(qp + b * A, A);
+    }
   }
   auto logp = at::empty({B}, y.options()), value = at::empty({B}, y.options());
-  const int64_t* act = action.data_ptr<int64_t>();
   float *lo = logp.data_ptr<float>(), *vo = value.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b) {
     lo[b] = lp[b * A + act[b]];
-    vo[b] = values[b];
+    vo[b] = values[b * Vp];
   }
   return {action, logp, value};
 }

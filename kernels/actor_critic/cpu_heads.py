@@ -1,5 +1,5 @@
 """The actor-critic heads as native calls (``cpu_heads.cpp``): the rollout step (``reference.actor_critic_step``: the two
-MLPs and the log-softmax in plain loops, the sample by ``at::multinomial``), and the update's log-probs, entropies and
+MLPs and the log-softmax in plain loops, the sample by ``torch.multinomial``'s algorithm), and the update's log-probs, entropies and
 values of given actions (``reference.actor_critic_evaluate``) forward and backward, one call each way around MKL's
 matmuls.
 

@@ -38,9 +38,12 @@ def test_step_matches_the_reference(B, D, M, A, deterministic):
     with torch.no_grad():
         torch.manual_seed(7)
         ref = reference.actor_critic_step(y, actor, critic, deterministic)
+        ref_next = torch.rand(4)
         torch.manual_seed(7)
         got = cpu_heads.cpu_actor_critic_step(y, actor, critic, deterministic)
+        got_next = torch.rand(4)
     assert torch.equal(got[0], ref[0]), "the sample is not the reference's (same generator state)"
+    assert torch.equal(got_next, ref_next), "the step drew another number of values from the default generator"
     assert got[0].dtype == torch.long and got[0].shape == (B,)
     assert_close("logp", ref[1], got[1], 1e-6)
     assert_close("value", ref[2], got[2], 1e-6)
@@ -57,6 +60,16 @@ def test_step_samples_follow_the_probabilities():
     probs = torch.zeros(3, dtype=torch.float64)
     probs[action] = logp.double().exp()
     torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
+
+
+def test_step_refuses_nan_probabilities_as_multinomial_does():
+    actor, critic = _heads(16, 16, 3)
+    y = torch.randn(4, 16)
+    y[2, 5] = float("nan")
+    with torch.no_grad(), pytest.raises(RuntimeError, match="probability tensor contains either `inf`, `nan`"):
+        reference.actor_critic_step(y, actor, critic)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="probability tensor contains either `inf`, `nan`"):
+        cpu_heads.cpu_actor_critic_step(y, actor, critic)
 
 
 @pytest.mark.parametrize("N,D,M,A", [(808, 64, 64, 4), (37, 40, 24, 7), (9, 16, 70, 2)])
