@@ -1,7 +1,7 @@
 """The actor-critic heads as native calls (``cpu_heads.cpp``): the rollout step (``reference.actor_critic_step``: the two
-MLPs and the log-softmax in plain loops, the sample by ``torch.multinomial``'s algorithm), and the update's log-probs, entropies and
-values of given actions (``reference.actor_critic_evaluate``) forward and backward, one call each way around MKL's
-matmuls.
+MLPs and the log-softmax in plain loops, the sample by ``torch.multinomial``'s algorithm), and the update's log-probs,
+entropies and values of given actions (``reference.actor_critic_evaluate``) forward and backward, one call each way
+around MKL's matmuls.
 
 A rollout step runs the actor's and the critic's MLPs and the categorical sample on a few dozen envs; as torch ops that
 is some 20 calls at several microseconds of dispatch each, more than their arithmetic; in the update, some 25 ops forward
