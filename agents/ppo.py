@@ -28,11 +28,31 @@ from ham_rl.kernels.ppo_loss import ppo_loss
 from ham_rl.memory import MemoryState
 from ham_rl.routing import RoutingTrace, informative_flags
 
-__all__ = ["PPO", "PPOConfig", "NonFiniteLossError"]
+__all__ = ["PPO", "PPOConfig", "NonFiniteLossError", "gae"]
 
 
 class NonFiniteLossError(RuntimeError):
     """The PPO loss became NaN or infinite, or an env gave a NaN or infinite observation or reward."""
+
+
+def gae(
+    rewards: np.ndarray, values: np.ndarray, next_value: np.ndarray, dones: np.ndarray, gamma: float, gae_lambda: float
+) -> np.ndarray:
+    """Generalized advantage estimates ``[T, B]`` float32 (CleanRL's recursion): ``rewards``, ``values``, ``dones``
+    ``[T, B]`` (``dones[t]``: the episode ended at step t), ``next_value [B]`` the value after the last step.
+
+    The same float32 operations in the same order as CleanRL's torch loop, on numpy arrays: a rollout's 200-odd steps
+    are some 2,000 small torch ops, each costing more to dispatch than its 32 numbers.
+    """
+    nonterminal = 1.0 - dones.astype(np.float32)
+    advantages = np.zeros_like(rewards, dtype=np.float32)
+    lastgaelam = np.zeros_like(next_value, dtype=np.float32)
+    for t in reversed(range(len(rewards))):
+        nextvalues = next_value if t == len(rewards) - 1 else values[t + 1]
+        delta = rewards[t] + gamma * nextvalues * nonterminal[t] - values[t]
+        lastgaelam = delta + gamma * gae_lambda * nonterminal[t] * lastgaelam
+        advantages[t] = lastgaelam
+    return advantages
 
 
 @dataclass
@@ -270,16 +290,9 @@ class PPO:
 
     def compute_advantages(self) -> tuple[torch.Tensor, torch.Tensor]:
         """GAE over the rollout; returns advantages and returns, both ``[T, B]``."""
-        cfg = self.cfg
-        rewards = torch.from_numpy(self.rewards).to(self.device)
-        nonterminal = 1.0 - torch.from_numpy(self.dones).to(self.device).float()  # dones[t]: episode ended at t
-        advantages = torch.zeros_like(rewards)
-        lastgaelam = torch.zeros_like(self.next_value)
-        for t in reversed(range(cfg.num_steps)):
-            nextvalues = self.next_value if t == cfg.num_steps - 1 else self.values[t + 1]
-            delta = rewards[t] + cfg.gamma * nextvalues * nonterminal[t] - self.values[t]
-            lastgaelam = delta + cfg.gamma * cfg.gae_lambda * nonterminal[t] * lastgaelam
-            advantages[t] = lastgaelam
+        values, next_value = self.values.cpu().numpy(), self.next_value.cpu().numpy()
+        advantages = gae(self.rewards, values, next_value, self.dones, self.cfg.gamma, self.cfg.gae_lambda)
+        advantages = torch.from_numpy(advantages).to(self.device)
         return advantages, advantages + self.values
 
     def train_step(self, advantages: torch.Tensor, returns: torch.Tensor) -> dict:

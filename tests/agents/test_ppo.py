@@ -244,3 +244,36 @@ def test_iteration_reports_its_cost_and_the_largest_cache_an_episode_ended_with(
     assert stats["memory/kv_len_max"] == int(at_end.max()) == 52  # attention caches every step of the episode
     assert stats["memory/kv_len_mean"] == pytest.approx(float(at_end.float().mean()))
     assert stats["time/rollout_s"] > 0 and stats["time/update_s"] > 0
+
+
+def _cleanrl_gae(rewards, values, next_value, dones, gamma, gae_lambda):
+    """CleanRL's GAE loop on torch tensors, as ``PPO.compute_advantages`` ran it before ``gae``."""
+    nonterminal = 1.0 - dones.float()
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = torch.zeros_like(next_value)
+    for t in reversed(range(len(rewards))):
+        nextvalues = next_value if t == len(rewards) - 1 else values[t + 1]
+        delta = rewards[t] + gamma * nextvalues * nonterminal[t] - values[t]
+        lastgaelam = delta + gamma * gae_lambda * nonterminal[t] * lastgaelam
+        advantages[t] = lastgaelam
+    return advantages
+
+
+@pytest.mark.parametrize("T,B", [(1, 3), (7, 5), (202, 32)])
+def test_gae_equals_cleanrl_loop_bit_for_bit(T, B):
+    from ham_rl.agents.ppo import gae
+
+    rng = np.random.default_rng(T * B)
+    rewards = rng.normal(size=(T, B)).astype(np.float32)
+    values = rng.normal(size=(T, B)).astype(np.float32)
+    next_value = rng.normal(size=B).astype(np.float32)
+    dones = rng.random((T, B)) < 0.2
+    got = gae(rewards, values, next_value, dones, 0.99, 0.95)
+    want = _cleanrl_gae(*(torch.from_numpy(a) for a in (rewards, values, next_value, dones)), 0.99, 0.95)
+    assert got.dtype == np.float32 and got.shape == (T, B)
+    assert torch.equal(torch.from_numpy(got), want)
+    # an episode's end stops the recursion: the step before a done does not see what follows it
+    if T > 1:
+        done_at = np.flatnonzero(dones[:-1, 0])
+        for t in done_at:
+            assert got[t, 0] == np.float32(rewards[t, 0] - values[t, 0])
