@@ -156,7 +156,8 @@ class RecurrentActorCritic(nn.Module):
         :return: action ``[B, *action_shape]``, log-prob ``[B]``, value ``[B]``, the new state; ``state``'s cache is
             updated in place (a rollout replaces its state at once), so keep ``state.clone()`` to hold on to it
         """
-        y, state = self.memory.step(self.encoder(x), state, start, inplace=True)
+        linear, relu = self.encoder  # the modules' ops without their call machinery: a rollout calls this per step
+        y, state = self.memory.step(relu.forward(linear.forward(x)), state, start, inplace=True)
         if self.action_head.kind == "discrete":
             actor, critic = self._head_weights
             if cpu_heads.fits(y, *actor, *critic):  # the ops below as one native call: some 20 small ops a step

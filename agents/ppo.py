@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ham_rl.agents.context import EpisodeContext
+from ham_rl.agents.flat_params import FlatParameters
 from ham_rl.agents.policy import RecurrentActorCritic
 from ham_rl.agents.rng_state import numpy_rng_from_plain, numpy_rng_to_plain, python_rng_from_plain, python_rng_to_plain
 from ham_rl.envs import VecEnv
@@ -167,8 +168,16 @@ class PPO:
         self.agent, self.venv, self.cfg, self.device = agent, venv, cfg, torch.device(device)
         self.total_timesteps = int(total_timesteps)
         self.num_updates = self.total_timesteps // cfg.batch_size
+        # The parameters as views of one flat tensor, so that zeroing, clipping and Adam's step are an op or two each
+        # (agents/flat_params.py); where they cannot be (a frozen parameter, mixed dtypes), Adam steps each tensor.
+        params = list(agent.parameters())
+        try:
+            self.flat: FlatParameters | None = FlatParameters(params)
+        except ValueError:
+            self.flat = None
         # fused: one kernel per step for all parameters (the same update; on CPU about 4x cheaper than the loop)
-        self.optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.learning_rate, eps=1e-5, fused=True)
+        trained = [self.flat.param] if self.flat is not None else params
+        self.optimizer = torch.optim.Adam(trained, lr=cfg.learning_rate, eps=1e-5, fused=True)
         if cfg.compile:
             agent.memory.compile_step()
         T, B, D = cfg.num_steps, cfg.num_envs, venv.feature_dim
@@ -305,6 +314,9 @@ class PPO:
         b_logprobs, b_values = self.logprobs.T, self.values.T
         b_advantages, b_returns = advantages.T, returns.T
         envs_per_mb = cfg.num_envs // cfg.num_minibatches
+        flat = self.flat
+        if flat is not None:
+            flat.check_bound()
         clipfracs, approx_kls = [], []
         pg_loss = v_loss = entropy_loss = approx_kl = torch.zeros((), device=dev)
         for _epoch in range(cfg.update_epochs):
@@ -329,11 +341,18 @@ class PPO:
                         f"non-finite PPO loss at update {self.update + 1} (pg_loss={float(pg_loss.detach()):.4g}, "
                         f"v_loss={float(v_loss.detach()):.4g}, entropy={float(entropy_loss.detach()):.4g})"
                     )
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.data_parallel is not None:
-                    self.data_parallel.gradients(agent.parameters())
-                nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
+                if flat is not None:
+                    flat.zero_grad()
+                    loss.backward()
+                    if self.data_parallel is not None:
+                        self.data_parallel.average_(flat.grad)
+                    flat.clip_grad_norm_(cfg.max_grad_norm)
+                else:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if self.data_parallel is not None:
+                        self.data_parallel.gradients(agent.parameters())
+                    nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
             kl = approx_kl if self.data_parallel is None or cfg.target_kl is None else self.data_parallel.mean(approx_kl)
             if cfg.target_kl is not None and float(kl) > cfg.target_kl:
@@ -389,7 +408,7 @@ class PPO:
             "update": self.update,
             "global_step": self.global_step,
             "agent": self.agent.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self._optimizer_state(),
             "venv": self.venv.state_dict(),
             "memory_state": self.state.state_dict(),
             "next_obs": torch.from_numpy(self.next_obs.copy()),
@@ -406,12 +425,18 @@ class PPO:
             "context": self.context.state_dict(),
         }
 
+    def _optimizer_state(self) -> dict:
+        """The optimizer's state in the layout of Adam over the agent's parameters, however it steps them."""
+        state = self.optimizer.state_dict()
+        return self.flat.per_parameter_state(state) if self.flat is not None else state
+
     def load_state_dict(self, data: dict) -> None:
         """Restore what :meth:`state_dict` saved (envs that cannot be restored restart, with a warning)."""
         self.update = int(data["update"])
         self.global_step = int(data["global_step"])
         self.agent.load_state_dict(data["agent"])
-        self.optimizer.load_state_dict(data["optimizer"])
+        opt = data["optimizer"]
+        self.optimizer.load_state_dict(self.flat.flat_state(opt) if self.flat is not None else opt)
         restarted = self.venv.load_state_dict(data["venv"])
         self.state = MemoryState.from_state_dict(data["memory_state"]).to(self.device)
         self.next_obs = data["next_obs"].numpy().copy()

@@ -54,6 +54,11 @@ class DataParallel:
             p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
             offset += g.numel()
 
+    def average_(self, grad: torch.Tensor) -> None:
+        """Replace ``grad`` (the trainer's flat gradient, ``agents.flat_params``) by its mean over the ranks, in place."""
+        dist.all_reduce(grad)
+        grad /= self.size
+
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         """The mean of a float tensor over the ranks."""
         value = value.detach().to(self.device, torch.float64).clone()
