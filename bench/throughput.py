@@ -56,19 +56,44 @@ from ham_rl.envs import recall_tasks, resolve_env_id
 ROOT = Path(__file__).resolve().parents[1]
 
 # Runs in a subprocess inside the baseline's worktree: that commit's PPO and ham (its configs/memory/ham.yaml), timed
-# as ours() times this checkout's; prints {"sps": ...}. At the commits this is for, agents and envs were top-level.
+# as ours() times this checkout's; prints {"sps": ...}. Before the package layout agents and envs were top-level
+# modules; after it they are ham_rl.agents and ham_rl.envs, whose folders (pyproject's package-dir) are mapped to the
+# worktree's here, ahead of this checkout's editable install, which would otherwise answer for them. The run refuses
+# to time a trainer from outside the worktree.
 BASELINE_RUN = r"""
-import importlib.util, json, sys, time, warnings
+import importlib.abc, importlib.util, inspect, json, os, sys, time, warnings
 import torch, yaml
 root, tasks, env_id, hidden, num_envs, num_steps, minibatches, steps, threads = sys.argv[1:]
 sys.path.insert(0, root)
+
+
+class WorktreePackages(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        head, _, sub = name.partition(".")
+        folder = os.path.join(root, sub)
+        if head != "ham_rl" or not sub or "." in sub or os.path.isdir(os.path.join(root, "ham_rl", sub)):
+            return None
+        if not os.path.isfile(os.path.join(folder, "__init__.py")):
+            return None
+        return importlib.util.spec_from_file_location(name, os.path.join(folder, "__init__.py"),
+                                                      submodule_search_locations=[folder])
+
+
+sys.meta_path.insert(0, WorktreePackages())
 spec = importlib.util.spec_from_file_location("_recall_tasks", tasks)
 tasks_module = sys.modules["_recall_tasks"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(tasks_module)  # registers this checkout's env ids
 warnings.filterwarnings("ignore")
 torch.set_num_threads(int(threads))
-from agents import PPO, PPOConfig, RecurrentActorCritic
-from envs import VecEnv
+if "package-dir" in open(os.path.join(root, "pyproject.toml")).read():
+    from ham_rl.agents import PPO, PPOConfig, RecurrentActorCritic
+    from ham_rl.envs import VecEnv
+else:
+    from agents import PPO, PPOConfig, RecurrentActorCritic
+    from envs import VecEnv
+for obj in (PPO, VecEnv):
+    if not os.path.realpath(inspect.getfile(obj)).startswith(os.path.realpath(root) + os.sep):
+        sys.exit(f"the baseline's {obj.__name__} came from {inspect.getfile(obj)}, outside its worktree {root}")
 options = yaml.safe_load(open(f"{root}/configs/memory/ham.yaml"))
 name, _ = options.pop("name"), options.pop("hidden_size")
 cfg = PPOConfig(num_envs=int(num_envs), num_steps=int(num_steps), num_minibatches=int(minibatches), update_epochs=4,
