@@ -58,6 +58,22 @@ class EpisodeContext:
         starts = torch.cat([self.starts[kept - context :, mb].transpose(0, 1), b_starts[mb]], 1)
         return x, state, starts, context
 
+    def epoch_rows(
+        self, perm: Tensor, size: int, b_obs: Tensor, b_starts: Tensor, state0: MemoryState, agent: RecurrentActorCritic
+    ) -> list[tuple[Tensor, MemoryState, Tensor, int]]:
+        """:meth:`rows` of each minibatch of an epoch, the rows ``perm[i : i + size]`` for i = 0, size, ...
+
+        Where no row needs context (every episode starts with the rollout, none is kept, or the memory has no
+        state), every row of the epoch is gathered at once and each minibatch is a slice of it: one gather per tensor
+        an epoch instead of one a minibatch.
+        """
+        starts = range(0, len(perm), size)
+        stateless = not state0.rnn and state0.cache is None
+        if len(self.obs) and not stateless and bool(torch.where(b_starts[:, 0], 0, state0.episode_len).any()):
+            return [self.rows(perm[i : i + size], b_obs, b_starts, state0, agent) for i in starts]
+        x, state, first = b_obs[perm], state0[perm], b_starts[perm]
+        return [(x[i : i + size], state[i : i + size], first[i : i + size], 0) for i in starts]
+
     def state_dict(self) -> dict:
         """Tensors and plain data, for the checkpoint."""
         return {"obs": self.obs, "starts": self.starts, "states": [s.state_dict() for s in self.states]}

@@ -320,15 +320,19 @@ class PPO:
         clipfracs, approx_kls = [], []
         pg_loss = v_loss = entropy_loss = approx_kl = torch.zeros((), device=dev)
         for _epoch in range(cfg.update_epochs):
-            perm = torch.randperm(cfg.num_envs)
-            for start in range(0, cfg.num_envs, envs_per_mb):
-                mb = perm[start : start + envs_per_mb].to(dev)
-                x, state, starts, context = self.context.rows(mb, b_obs, b_starts, self.state0, agent)
-                newlogprob, entropy, newvalue = agent.evaluate_actions(x, state, starts, b_actions[mb], context)
+            perm = torch.randperm(cfg.num_envs).to(dev)
+            rows = self.context.epoch_rows(perm, envs_per_mb, b_obs, b_starts, self.state0, agent)
+            # the rollout's rows in this epoch's order, gathered once: each minibatch's are a slice
+            e_actions, e_logprobs, e_advantages, e_returns, e_values = (
+                t[perm] for t in (b_actions, b_logprobs, b_advantages, b_returns, b_values)
+            )
+            for (x, state, starts, context), start in zip(rows, range(0, cfg.num_envs, envs_per_mb), strict=True):
+                mb = slice(start, start + envs_per_mb)
+                newlogprob, entropy, newvalue = agent.evaluate_actions(x, state, starts, e_actions[mb], context)
                 # CleanRL's clipped policy loss, clipped value loss and entropy bonus (kernels/ppo_loss/reference.py;
                 # one native call on CPU tensors)
                 loss, pg_loss, v_loss, entropy_loss, approx_kl, clipfrac = ppo_loss(
-                    newlogprob, entropy, newvalue, b_logprobs[mb], b_advantages[mb], b_returns[mb], b_values[mb],
+                    newlogprob, entropy, newvalue, e_logprobs[mb], e_advantages[mb], e_returns[mb], e_values[mb],
                     cfg.clip_coef, cfg.ent_coef, cfg.vf_coef, cfg.norm_adv, cfg.clip_vloss,
                 )  # fmt: skip
                 approx_kls.append(approx_kl)

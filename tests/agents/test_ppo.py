@@ -277,3 +277,29 @@ def test_gae_equals_cleanrl_loop_bit_for_bit(T, B):
         done_at = np.flatnonzero(dones[:-1, 0])
         for t in done_at:
             assert got[t, 0] == np.float32(rewards[t, 0] - values[t, 0])
+
+
+def _tensors(state) -> list[torch.Tensor]:
+    cache = [] if state.cache is None else [getattr(state.cache, f) for f in ("keys", "values", "scores", "times", "length")]
+    return [*state.rnn, *cache, state.episode_len]
+
+
+@pytest.mark.parametrize("num_steps", [5, 4])  # rows of whole (5-step) episodes (one gather an epoch), episodes across rollouts
+def test_epoch_rows_are_the_minibatches_rows(num_steps):
+    register_tiny_env()
+    ppo = _ppo("ham", "ham_rl_test/RecallFirst-v0", num_envs=8, num_steps=num_steps, num_minibatches=4, context_steps=8)
+    ppo.iterate()
+    ppo.collect_rollout()
+    b_obs = torch.from_numpy(ppo.obs).transpose(0, 1).contiguous()
+    b_starts = torch.from_numpy(ppo.starts).transpose(0, 1).contiguous()
+    perm = torch.randperm(8)
+    rows = ppo.context.epoch_rows(perm, 2, b_obs, b_starts, ppo.state0, ppo.agent)
+    assert len(rows) == 4
+    contexts = []
+    for (x, state, starts, context), i in zip(rows, range(0, 8, 2), strict=True):
+        want = ppo.context.rows(perm[i : i + 2], b_obs, b_starts, ppo.state0, ppo.agent)
+        assert torch.equal(x, want[0]) and torch.equal(starts, want[2]) and context == want[3]
+        for a, b in zip(_tensors(state), _tensors(want[1]), strict=True):
+            assert torch.equal(a, b)
+        contexts.append(context)
+    assert (max(contexts) > 0) == (num_steps == 4)  # the split episodes replay context, the whole ones none
