@@ -72,8 +72,9 @@ class RecallStepper:
         for env, t in zip(self.envs, self.t.tolist(), strict=True):
             env._t = t
 
-    def step(self, actions: Any) -> tuple[np.ndarray, list[float], np.ndarray, list[dict[str, Any]]]:
-        """``_RecallEnv.step`` of every env with its action: ``(obs [B, D], rewards, terminated [B], infos)``."""
+    def step(self, actions: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
+        """``_RecallEnv.step`` of every env with its action: ``(obs [B, D], rewards [B] float64, terminated [B],
+        infos)``."""
         T, rows = self.obs.shape[1], self.rows
         if (self.t >= T).any():
             raise RuntimeError("step() called after the episode terminated; call reset() first")
@@ -91,7 +92,7 @@ class RecallStepper:
             {"informative": i, "question": q, "step": s}
             for i, q, s in zip(informative, question, self.t.tolist(), strict=True)
         ]
-        return obs, rewards.tolist(), terminated, infos
+        return obs, rewards, terminated, infos
 
 
 _RECALL_TYPES = tuple(_RecallEnv.__subclasses__())  # the tasks defined here; a subclass elsewhere may change step()

@@ -117,7 +117,8 @@ class VecEnv:
         self.final_infos = {}
         if self._stepper is not None:  # every env a recall task's: one array step, then the resets one by one
             self._obs, rewards, dones[:], infos = self._stepper.step(actions)
-            for i in np.flatnonzero(dones).tolist():
+            ended = np.flatnonzero(dones).tolist()
+            for i in ended:
                 self.final_infos[i] = infos[i]
                 self._obs[i], infos[i] = self.envs[i].reset()
                 self._stepper.load(i)
@@ -135,14 +136,16 @@ class VecEnv:
                         final_obs[i] = obs
                     obs, infos[i] = env.reset()
                 self._obs[i] = obs
+            ended = np.flatnonzero(dones).tolist()
         # the episode counters once for all envs (per env, three numpy scalar updates cost more than its step)
         self._rewards[:] = rewards
         self._ep_return += rewards
         self._ep_length += 1
-        for i in np.flatnonzero(dones).tolist():
-            finished.append((i, float(self._ep_return[i]), int(self._ep_length[i])))
-        self._ep_return[dones] = 0.0
-        self._ep_length[dones] = 0
+        if ended:
+            for i in ended:
+                finished.append((i, float(self._ep_return[i]), int(self._ep_length[i])))
+            self._ep_return[ended] = 0.0
+            self._ep_length[ended] = 0
         self.infos = infos
         self._actions = act_list
         rewards = self._rewards.copy()
@@ -174,9 +177,12 @@ class VecEnv:
             f[starts, self.obs_dim :] = 0.0
         return f.copy()
 
-    def _encodable_actions(self, actions: np.ndarray) -> list:
+    def _encodable_actions(self, actions: np.ndarray) -> np.ndarray | list:
+        # the encoder takes an array as the list of its rows: no list of numpy scalars to convert back every step
         if isinstance(self.action_space, spaces.Box):
-            return list(np.asarray(actions, dtype=np.float32).reshape(self.num_envs, -1))
+            return np.asarray(actions, dtype=np.float32).reshape(self.num_envs, -1)
+        if isinstance(self.action_space, (spaces.Discrete, spaces.MultiDiscrete)):
+            return np.asarray(actions)
         return list(np.asarray(actions))
 
     # ------------------------------------------------------------------------------------------------------------

@@ -33,9 +33,8 @@ TIME_FEATURES = (False, True, "input", "readout")
 
 def episode_steps(episode_len: Tensor, starts: Tensor) -> Tensor:
     """Step of each token within its episode: ``episode_len [B]``, ``starts [B, T]`` -> ``[B, T]`` long."""
-    T = starts.shape[1]
-    idx = torch.arange(T, device=starts.device).expand_as(starts)
-    last_start = torch.where(starts, idx, torch.full_like(idx, -1)).cummax(1).values
+    idx = torch.arange(starts.shape[1], device=starts.device)  # [T], broadcast over the rows: fewer ops, every minibatch
+    last_start = torch.where(starts, idx, -1).cummax(1).values
     return torch.where(last_start >= 0, idx - last_start, episode_len[:, None] + idx)
 
 
