@@ -149,15 +149,15 @@ class RecurrentActorCritic(nn.Module):
         """The memory's initial state for ``batch_size`` envs."""
         return self.memory.initial_state(batch_size, device=device)
 
-    def step(self, x: Tensor, state: MemoryState, start: Tensor, deterministic: bool = False):
+    def step(self, x: Tensor, state: MemoryState, start: Tensor, deterministic: bool = False, checked: bool = False):
         """One env step for all envs at once (one batched memory call).
 
-        :param x: ``[B, feature_dim]`` features; start: ``[B]`` bool
+        :param x: ``[B, feature_dim]`` features; start: ``[B]`` bool; ``checked``: as ``Memory.step``'s
         :return: action ``[B, *action_shape]``, log-prob ``[B]``, value ``[B]``, the new state; ``state``'s cache is
             updated in place (a rollout replaces its state at once), so keep ``state.clone()`` to hold on to it
         """
         linear, relu = self.encoder  # the modules' ops without their call machinery: a rollout calls this per step
-        y, state = self.memory.step(relu.forward(linear.forward(x)), state, start, inplace=True)
+        y, state = self.memory.step(relu.forward(linear.forward(x)), state, start, inplace=True, checked=checked)
         if self.action_head.kind == "discrete":
             actor, critic = self._head_weights
             if cpu_heads.fits(y, *actor, *critic):  # the ops below as one native call: some 20 small ops a step

@@ -225,6 +225,7 @@ class PPO:
                 torch.zeros((T, B), device=dev),
                 np.zeros((T, B), dtype=np.int8),
             )
+        actions, logprobs, values = [], [], []  # stacked into the buffers after the loop: one op each, not one a step
         with torch.no_grad():
             for t in range(self.cfg.num_steps):
                 self._check_finite(self.next_obs, "observation features", t)
@@ -232,12 +233,14 @@ class PPO:
                 self.starts[t] = self.next_start
                 x = torch.from_numpy(self.next_obs).to(dev)
                 start = torch.from_numpy(self.next_start).to(dev)
-                action, logp, value, self.state = agent.step(x, self.state, start)
+                # after the first step the memory's state is the one its last step returned, and x and start come from
+                # the same env arrays: the memory's checks of them ran at t = 0
+                action, logp, value, self.state = agent.step(x, self.state, start, checked=t > 0)
                 if record:
                     record = self._record_routing(t)
-                self.actions[t] = action
-                self.logprobs[t] = logp
-                self.values[t] = value
+                actions.append(action)
+                logprobs.append(logp)
+                values.append(value)
                 self.cache_len[t] = self.state.cache_len  # cache length after this step (episode end if done)
                 self.next_obs, self.rewards[t], self.dones[t], finished = venv.step(head.to_env(action))
                 self._check_finite(self.rewards[t], "reward", t)
@@ -247,6 +250,9 @@ class PPO:
                 for _, ret, length in finished:
                     self.ep_returns.append(ret)
                     self.ep_lengths.append(length)
+            torch.stack(actions, out=self.actions)
+            torch.stack(logprobs, out=self.logprobs)
+            torch.stack(values, out=self.values)
             # bootstrap value of the observation after the rollout
             self.next_value = agent.value(
                 torch.from_numpy(self.next_obs).to(dev), self.state, torch.from_numpy(self.next_start).to(dev)

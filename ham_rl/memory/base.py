@@ -193,15 +193,20 @@ class Memory(nn.Module):
             x = x + self.time_embedding(steps).to(x.dtype)
         return x, steps
 
-    def step(self, x: Tensor, state: MemoryState, start: Tensor, inplace: bool = False) -> tuple[Tensor, MemoryState]:
+    def step(
+        self, x: Tensor, state: MemoryState, start: Tensor, inplace: bool = False, checked: bool = False
+    ) -> tuple[Tensor, MemoryState]:
         """Step form: ``x [B, input_size]``, ``start [B]`` bool -> ``(y [B, hidden_size], state)``.
 
         ``state`` is left as it was. With ``inplace=True``, memories with a KV cache write the new entry straight
         into the cache tensors of ``state``, which then must not be used again (an eviction or a reset overwrites
         entries it holds): the rollout loops' choice, where copying a growing cache every step would cost more than
-        the step itself, and the state is replaced by the returned one at once.
+        the step itself, and the state is replaced by the returned one at once. ``checked=True`` skips the checks of
+        the arguments' shapes and dtypes, for a loop that passes the state the previous step returned and inputs
+        shaped as those of a checked step.
         """
-        self._check(x, state, start, sequence=False)
+        if not checked:
+            self._check(x, state, start, sequence=False)
         if not inplace and state.cache is not None:
             state = replace(state, cache=state.cache.clone())
         steps = state.episode_len.masked_fill(start, 0)
@@ -306,6 +311,15 @@ class Memory(nn.Module):
             raise ValueError(f"`state.cache` must be a KVCache for {self._describe()}, got {type(cache).__name__}")
         H, K, V = dims
         L = cache.keys.shape[1] if cache.keys.dim() == 4 else -1
+        if (  # every step: the comparisons alone, the message only where one fails
+            L >= 0
+            and cache.keys.shape == (B, L, H, K)
+            and cache.values.shape == (B, L, H, V)
+            and cache.scores.shape == cache.times.shape == (B, L)
+            and cache.length.shape == (B,)
+            and cache.times.dtype == cache.length.dtype == torch.long
+        ):
+            return
         want = {"keys": (B, L, H, K), "values": (B, L, H, V), "scores": (B, L), "times": (B, L), "length": (B,)}
         for name, shape in want.items():
             t = getattr(cache, name)

@@ -627,7 +627,7 @@ class HybridMemory(Memory):
             if not native:  # the native step counts them itself
                 self._stored.add_(routed.sum())  # in place: `+=` on a buffer also runs Module.__setattr__, every step
                 self._seen.add_(B)
-            self.last_routing = (score.detach(), routed)
+            self.__dict__["last_routing"] = (score.detach(), routed)  # not Module.__setattr__'s checks, every step
             if self.threshold_rule == "quantile" and self.target_fraction is not None:
                 self._keep_scores(score)
             cache = KVCache(cache.keys, cache.values, cache.scores, cache.times, length)

@@ -303,3 +303,13 @@ def test_epoch_rows_are_the_minibatches_rows(num_steps):
             assert torch.equal(a, b)
         contexts.append(context)
     assert (max(contexts) > 0) == (num_steps == 4)  # the split episodes replay context, the whole ones none
+
+
+def test_a_rollout_checks_the_memory_state_it_starts_from():
+    # the rollout skips the memory's argument checks after its first step (checked=t > 0), not at it
+    register_tiny_env()
+    ppo = _ppo("ham", "ham_rl_test/RecallFirst-v0", num_envs=4, num_steps=5)
+    ppo.collect_rollout()
+    ppo.state = ppo.agent.initial_state(3)  # another number of envs
+    with pytest.raises(ValueError, match="MemoryState for B=4 envs"):
+        ppo.collect_rollout()
