@@ -71,11 +71,17 @@ std::vector<at::Tensor> tokens_forward(at::Tensor qkv, at::Tensor z, at::Tensor 
           float* yi = y + ((n * 3 + part) * H + h) * d;
           const float norm = std::sqrt(dot(xi, xi, d));
           const float r = 1.0f / (norm > eps || std::isnan(norm) ? norm : eps);  // clamp_min keeps a NaN
-          for (int64_t j = 0; j < d; ++j) yi[j] = xi[j] * r;
+          if (d == 16) {  // the trainer's heads: the loops below as one vector each
+            const ham_rl_vec::Float16 unit = ham_rl_vec::load16(xi) * r;
+            ham_rl_vec::store16(yi, unit);
+            if (part == 0) ham_rl_vec::store16(qa + (n * H + h) * d, unit * scale[h]);
+          } else {
+            for (int64_t j = 0; j < d; ++j) yi[j] = xi[j] * r;
+            if (part == 0)
+              for (int64_t j = 0; j < d; ++j) qa[(n * H + h) * d + j] = yi[j] * scale[h];
+          }
           ip[(n * 2 + part) * H + h] = r;
           ap[(n * 2 + part) * H + h] = norm > eps;
-          if (part == 0)
-            for (int64_t j = 0; j < d; ++j) qa[(n * H + h) * d + j] = yi[j] * scale[h];
         }
       std::copy(x + (n * 3 + 2) * H * d, x + (n * 3 + 3) * H * d, y + (n * 3 + 2) * H * d);
       float* g = gp + n * G * H;
@@ -87,6 +93,25 @@ std::vector<at::Tensor> tokens_forward(at::Tensor qkv, at::Tensor z, at::Tensor 
     }
   });
   return {qkvn, gates, q_attn, inv, above};
+}
+
+// tokens_backward's q and k rows of token n for heads of 16, a row a vector (its loop below, unrolled).
+inline void unit_rows_backward16(int64_t n, int64_t H, const float* dy, const float* dqa, const float* y,
+                                 const float* ip, const uint8_t* ap, const float* scale, float* acc, float* dx) {
+  using namespace ham_rl_vec;
+  for (int64_t part = 0; part < 2; ++part)
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t row = ((n * 3 + part) * H + h) * 16;
+      const Float16 yi = load16(y + row);
+      Float16 total = load16(dy + row);
+      if (part == 0 && dqa) {
+        const Float16 dq2 = load16(dqa + (n * H + h) * 16);
+        total += dq2 * scale[h];
+        acc[h] += sum16(dq2 * yi) * scale[h];
+      }
+      const float radial = ap[(n * 2 + part) * H + h] ? sum16(yi * total) : 0.0f;
+      store16(dx + row, (total - yi * radial) * ip[(n * 2 + part) * H + h]);
+    }
 }
 
 // Gradients of tokens_forward's inputs from those of its outputs (d_qattn may be empty: no attention gradient).
@@ -109,20 +134,24 @@ std::vector<at::Tensor> tokens_backward(at::Tensor d_qkvn, at::Tensor d_gates, a
     float* acc = dls.mine();
     std::vector<float> total(d);
     for (int64_t n = begin; n < end; ++n) {
-      for (int64_t part = 0; part < 2; ++part)
-        for (int64_t h = 0; h < H; ++h) {
-          const int64_t row = ((n * 3 + part) * H + h) * d;
-          const float* yi = y + row;
-          for (int64_t j = 0; j < d; ++j) total[j] = dy[row + j];
-          if (part == 0 && dqa) {  // q_attn = q exp(log_scale)
-            const float* dq2 = dqa + (n * H + h) * d;
-            for (int64_t j = 0; j < d; ++j) total[j] += dq2[j] * scale[h];
-            acc[h] += dot(dq2, yi, d) * scale[h];
+      if (d == 16) {  // the trainer's heads: each row one vector, the same operations in the same order as below
+        unit_rows_backward16(n, H, dy, dqa, y, ip, ap, scale.data(), acc, dx);
+      } else {
+        for (int64_t part = 0; part < 2; ++part)
+          for (int64_t h = 0; h < H; ++h) {
+            const int64_t row = ((n * 3 + part) * H + h) * d;
+            const float* yi = y + row;
+            for (int64_t j = 0; j < d; ++j) total[j] = dy[row + j];
+            if (part == 0 && dqa) {  // q_attn = q exp(log_scale)
+              const float* dq2 = dqa + (n * H + h) * d;
+              for (int64_t j = 0; j < d; ++j) total[j] += dq2[j] * scale[h];
+              acc[h] += dot(dq2, yi, d) * scale[h];
+            }
+            const float radial = ap[(n * 2 + part) * H + h] ? dot(yi, total.data(), d) : 0.0f;
+            const float r = ip[(n * 2 + part) * H + h];
+            for (int64_t j = 0; j < d; ++j) dx[row + j] = (total[j] - yi[j] * radial) * r;
           }
-          const float radial = ap[(n * 2 + part) * H + h] ? dot(yi, total.data(), d) : 0.0f;
-          const float r = ip[(n * 2 + part) * H + h];
-          for (int64_t j = 0; j < d; ++j) dx[row + j] = (total[j] - yi[j] * radial) * r;
-        }
+      }
       std::copy(dy + (n * 3 + 2) * H * d, dy + (n * 3 + 3) * H * d, dx + (n * 3 + 2) * H * d);
       for (int64_t h = 0; h < H; ++h) {  // d(-softplus(z))/dz = -sigmoid(z), -1 where softplus is linear
         const float zz = zp[n * G * H + h];
