@@ -126,7 +126,9 @@ class Memory(nn.Module):
     def _sequence(self, x: Tensor, state: MemoryState, starts: Tensor, steps: Tensor) -> tuple[Tensor, MemoryState]:
         raise NotImplementedError
 
-    def _step(self, x: Tensor, state: MemoryState, start: Tensor, steps: Tensor) -> tuple[Tensor, MemoryState]:
+    def _step(
+        self, x: Tensor, state: MemoryState, start: Tensor, steps: Tensor, checked: bool = False
+    ) -> tuple[Tensor, MemoryState]:
         raise NotImplementedError
 
     def _rnn_spec(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
@@ -212,7 +214,7 @@ class Memory(nn.Module):
         steps = state.episode_len.masked_fill(start, 0)
         if self.time_embedding is not None:
             x = x + self.time_embedding(steps).to(x.dtype)
-        y, new_state = self._step(x, state, start, steps)
+        y, new_state = self._step(x, state, start, steps, checked)
         new_state.episode_len = steps + 1
         return self._add_clock(y, steps), new_state
 

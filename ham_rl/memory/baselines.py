@@ -54,7 +54,7 @@ class _TorchRNNMemory(Memory):
             ys.append(y)
         return torch.cat(ys, 1), MemoryState(rnn=hidden, cache=None, episode_len=state.episode_len)
 
-    def _step(self, x, state, start, steps):
+    def _step(self, x, state, start, steps, checked=False):
         y, hidden = self._run(x[:, None], _reset(state.rnn, start))
         return y[:, 0], MemoryState(rnn=hidden, cache=None, episode_len=state.episode_len)
 
@@ -81,5 +81,5 @@ class MLPMemory(Memory):
     def _sequence(self, x, state, starts, steps):
         return self.net(x), MemoryState(rnn=(), cache=None, episode_len=state.episode_len)
 
-    def _step(self, x, state, start, steps):
+    def _step(self, x, state, start, steps, checked=False):
         return self.net(x), MemoryState(rnn=(), cache=None, episode_len=state.episode_len)

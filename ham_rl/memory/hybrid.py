@@ -603,7 +603,7 @@ class HybridMemory(Memory):
             return
         self._step_tensors = torch.compile(self._step_core, dynamic=True)
 
-    def _step(self, x, state, start, steps):
+    def _step(self, x, state, start, steps, checked=False):
         S, history = self._split_rnn(state.rnn)
         B, H, d = x.shape[0], self.num_heads, self.head_dim
         compiled = self._step_tensors
@@ -616,13 +616,14 @@ class HybridMemory(Memory):
             cache = cache.reserve(need + 1 if compiled else need)
         rnn = S if self.use_rnn else x.new_zeros(B, H, d, d)
         native = compiled is None and self._native_step_fits(x)
-        step = self._step_native if native else compiled or self._step_core
         used = (cache.keys, cache.values, cache.scores, cache.times)
         if not native:  # only the slots an env can use now, as views (writes land in the cache; the native call reads
             used = [t[:, :need] for t in used]  # no slot past an env's length, and writes at most slot `need - 1`)
-        y, rnn_new, history, length, score, routed = step(
-            x, rnn, history, *used, cache.length, start, steps, self.tau if compiled else float(self.tau)
-        )
+        args = (x, rnn, history, *used, cache.length, start, steps, self.tau if compiled else float(self.tau))
+        if native:
+            y, rnn_new, history, length, score, routed = self._step_native(*args, checked)
+        else:
+            y, rnn_new, history, length, score, routed = (compiled or self._step_core)(*args)
         if self.use_attention:
             if not native:  # the native step counts them itself
                 self._stored.add_(routed.sum())  # in place: `+=` on a buffer also runs Module.__setattr__, every step
@@ -647,9 +648,9 @@ class HybridMemory(Memory):
             and use_native(x)
         )
 
-    def _step_native(self, x, rnn, history, keys, values, scores, times, length, start, steps, tau):
+    def _step_native(self, x, rnn, history, keys, values, scores, times, length, start, steps, tau, checked=False):
         """``_step_core`` and the output projection as one native call (``cpu_layer_step``), which also counts the
-        routed steps and the envs into ``_stored`` and ``_seen``."""
+        routed steps and the envs into ``_stored`` and ``_seen``; ``checked`` as ``Memory.step``'s."""
         m = self._modules  # the parameters through the module dicts: every rollout step, attribute access costs ~1 us each
         qkv, local, gates, out, conv, norm = (m[n]._parameters for n in ("qkv", "local", "gates", "out", "conv", "norm"))
         eps = self._norm_eps()
@@ -657,7 +658,7 @@ class HybridMemory(Memory):
         return cpu_step.cpu_layer_step(
             x, qkv["weight"], local["weight"], gates["weight"], gates.get("bias"), out["weight"], out.get("bias"),
             history, conv["weight"], conv["bias"], rnn, keys, values, scores, times, length, start, steps, tau,
-            self.capacity, self.attn_log_scale, self.score, sink, norm["weight"], eps, self._stored, self._seen,
+            self.capacity, self.attn_log_scale, self.score, sink, norm["weight"], eps, self._stored, self._seen, checked,
         )  # fmt: skip
 
     def _step_core(self, x, rnn, history, keys, values, scores, times, length, start, steps, tau):

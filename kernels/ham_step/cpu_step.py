@@ -124,6 +124,7 @@ def cpu_layer_step(
     norm_eps: float,
     stored: Tensor,
     seen: Tensor,
+    checked: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The HAM layer's whole step, input to output projection, as one native call, without grad.
 
@@ -135,13 +136,15 @@ def cpu_layer_step(
     float64 counts the routed steps and the envs are added to in place; the rest as ``cpu_ham_step``. Returns ``(y
     [B, H D], rnn state, conv history, length, score, routed)``; the cache is written in place. ``HybridMemory`` calls
     it where its layout is this one (``conv_path="local"``, unfolded, both paths, the surprise router);
-    ``cpu_step.cpp`` says what it computes.
+    ``cpu_step.cpp`` says what it computes. ``checked=True``: the cache and the counts are those a checked call took
+    or returned (a rollout's later steps), so their dtypes and layouts are not checked again.
     """
-    if not supports(x, keys, values, scores, times, rnn_state):
-        raise ValueError("the native HAM step takes float32 tensors, int64 times and a cache with contiguous rows")
-    for name, count in (("stored", stored), ("seen", seen)):
-        if count.dtype != torch.float64 or count.dim() != 0:
-            raise ValueError(f"{name} must be a 0-dim float64 tensor, got {count.dtype} of shape {tuple(count.shape)}")
+    if not checked:
+        if not supports(x, keys, values, scores, times, rnn_state):
+            raise ValueError("the native HAM step takes float32 tensors, int64 times and a cache with contiguous rows")
+        for name, count in (("stored", stored), ("seen", seen)):
+            if count.dtype != torch.float64 or count.dim() != 0:
+                raise ValueError(f"{name} must be a 0-dim float64 tensor, got {count.dtype} of shape {tuple(count.shape)}")
     return tuple(
         native.load_native().layer_step(
             x, qkv_weight, local_weight, gates_weight, gates_bias, out_weight, out_bias,

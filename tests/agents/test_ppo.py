@@ -284,7 +284,8 @@ def _tensors(state) -> list[torch.Tensor]:
     return [*state.rnn, *cache, state.episode_len]
 
 
-@pytest.mark.parametrize("num_steps", [5, 4])  # rows of whole (5-step) episodes (one gather an epoch), episodes across rollouts
+# rows of whole (5-step) episodes (one gather an epoch), and episodes across rollouts
+@pytest.mark.parametrize("num_steps", [5, 4])
 def test_epoch_rows_are_the_minibatches_rows(num_steps):
     register_tiny_env()
     ppo = _ppo("ham", "ham_rl_test/RecallFirst-v0", num_envs=8, num_steps=num_steps, num_minibatches=4, context_steps=8)

@@ -102,3 +102,23 @@ def test_native_step_is_the_default_for_ham(monkeypatch):
     with torch.no_grad():
         mem.step(torch.randn(B, IN), mem.initial_state(B), torch.ones(B, dtype=torch.bool), inplace=True)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("variant", ["defaults", "error-capacity", "sink"])
+def test_checked_steps_equal_checked_ones(variant):
+    # Memory.step(checked=True), as a rollout's later steps run: the same outputs and state, bit for bit
+    mem = _memory(VARIANTS[variant])
+    gen = torch.Generator().manual_seed(2)
+    x, starts = torch.randn(B, T, IN, generator=gen), random_starts(B, T, p=0.1, generator=gen)
+    results = []
+    for checked in (False, True):
+        state, ys = mem.initial_state(B), []
+        with torch.no_grad():
+            for t in range(T):
+                y, state = mem.step(x[:, t], state, starts[:, t], inplace=True, checked=checked and t > 0)
+                ys.append(y)
+        results.append((torch.stack(ys, 1), state))
+    (y0, s0), (y1, s1) = results
+    assert torch.equal(y0, y1)
+    assert_states_close(s0, s1, atol=0)
+    assert int(s1.cache_len.sum()) > 0
