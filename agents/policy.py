@@ -169,7 +169,9 @@ class RecurrentActorCritic(nn.Module):
     def _head_weights(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         """The actor's and the critic's ``(w1, b1, w2, b2)``."""
         (a1, _, a2), (c1, _, c2) = self.actor, self.critic  # iterating a Sequential is cheaper than indexing it
-        return (a1.weight, a1.bias, a2.weight, a2.bias), (c1.weight, c1.bias, c2.weight, c2.bias)
+        # the parameter dicts, not Module.__getattr__ eight times: the rollout asks every step
+        a1, a2, c1, c2 = a1._parameters, a2._parameters, c1._parameters, c2._parameters
+        return (a1["weight"], a1["bias"], a2["weight"], a2["bias"]), (c1["weight"], c1["bias"], c2["weight"], c2["bias"])
 
     def value(self, x: Tensor, state: MemoryState, start: Tensor) -> Tensor:
         """Value ``[B]`` of one step from ``state`` (left as it was), e.g. to bootstrap a cut-off episode."""
@@ -186,7 +188,8 @@ class RecurrentActorCritic(nn.Module):
             gradient reaches them), without heads or losses
         :return: log-probs ``[n, T]``, entropies ``[n, T]``, values ``[n, T]``
         """
-        y, _ = self.memory(self.encoder(x), state, starts)
+        linear, relu = self.encoder  # as in step: the modules' ops without the Sequential's call machinery
+        y, _ = self.memory(relu.forward(linear.forward(x)), state, starts)
         y = y[:, context:]
         if self.action_head.kind == "discrete":
             actor, critic = self._head_weights

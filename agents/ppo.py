@@ -11,6 +11,7 @@ row per step) and ``[B, T, ...]`` (env rows) in the update.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections import deque
@@ -343,9 +344,10 @@ class PPO:
                 )  # fmt: skip
                 approx_kls.append(approx_kl)
                 clipfracs.append(clipfrac)
-                finite = torch.isfinite(loss.detach()).double()
-                if self.data_parallel is not None:  # every rank stops at the same minibatch, none waits for another
-                    finite = self.data_parallel.mean(finite).floor()
+                if self.data_parallel is None:
+                    finite = math.isfinite(loss.item())
+                else:  # every rank stops at the same minibatch, none waits for another
+                    finite = bool(self.data_parallel.mean(torch.isfinite(loss.detach()).double()).floor())
                 if not finite:
                     raise NonFiniteLossError(
                         f"non-finite PPO loss at update {self.update + 1} (pg_loss={float(pg_loss.detach()):.4g}, "
