@@ -46,8 +46,7 @@ class EpisodeContext:
         """``(x [n, C + T, D], state at its first step, starts [n, C + T], C)`` for the env rows ``mb``."""
         in_progress = torch.where(b_starts[mb, 0], 0, state0.episode_len[mb])  # steps of each row's episode so far
         kept = len(self.obs)
-        stateless = not state0.rnn and state0.cache is None  # a memory without state (mlp) has nothing to replay
-        context = 0 if stateless else min(int(in_progress.max()), kept)
+        context = self._context(in_progress, state0)
         if context == 0:
             return b_obs[mb], state0[mb], b_starts[mb], 0
         if int(in_progress.max()) > kept:  # an episode older than what is kept: from the oldest kept start state
@@ -57,6 +56,12 @@ class EpisodeContext:
         x = torch.cat([self.obs[kept - context :, mb].transpose(0, 1), b_obs[mb]], 1)
         starts = torch.cat([self.starts[kept - context :, mb].transpose(0, 1), b_starts[mb]], 1)
         return x, state, starts, context
+
+    def _context(self, in_progress: Tensor, state0: MemoryState) -> int:
+        """Steps of context replayed before rows whose episodes are ``in_progress`` steps old at the rollout start."""
+        if not state0.rnn and state0.cache is None:  # a memory without state (mlp) has nothing to replay
+            return 0
+        return min(int(in_progress.max()), len(self.obs))
 
     def epoch_rows(
         self, perm: Tensor, size: int, b_obs: Tensor, b_starts: Tensor, state0: MemoryState, agent: RecurrentActorCritic
@@ -68,8 +73,7 @@ class EpisodeContext:
         an epoch instead of one a minibatch.
         """
         starts = range(0, len(perm), size)
-        stateless = not state0.rnn and state0.cache is None
-        if len(self.obs) and not stateless and bool(torch.where(b_starts[:, 0], 0, state0.episode_len).any()):
+        if self._context(torch.where(b_starts[:, 0], 0, state0.episode_len), state0):  # some row needs context
             return [self.rows(perm[i : i + size], b_obs, b_starts, state0, agent) for i in starts]
         x, state, first = b_obs[perm], state0[perm], b_starts[perm]
         return [(x[i : i + size], state[i : i + size], first[i : i + size], 0) for i in starts]

@@ -85,15 +85,11 @@ class FlatParameters:
     def per_parameter_state(self, flat_state: dict) -> dict:
         """``optimizer.state_dict()`` of the flat parameter as an optimizer over the separate parameters would write
         it (parameter ``i`` the i-th of ``params``): checkpoints keep one layout whichever way the run stepped."""
-        state = flat_state["state"].get(0)
-        per = {}
-        if state is not None:
+        state, per = flat_state["state"].get(0), {}
+        if state is not None:  # none before the first step
+            views = {k: self._views(v) for k, v in state.items() if v.dim() > 0}  # the step count is shared, 0-dim
             for i in range(len(self.params)):
-                per[i] = {k: v.clone() if v.dim() == 0 else None for k, v in state.items()}
-            for k, v in state.items():
-                if v.dim() > 0:
-                    for i, view in enumerate(self._views(v)):
-                        per[i][k] = view.clone()
+                per[i] = {k: (views[k][i] if k in views else v).clone() for k, v in state.items()}
         groups = [{**flat_state["param_groups"][0], "params": list(range(len(self.params)))}]
         return {"state": per, "param_groups": groups}
 

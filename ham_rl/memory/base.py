@@ -313,15 +313,6 @@ class Memory(nn.Module):
             raise ValueError(f"`state.cache` must be a KVCache for {self._describe()}, got {type(cache).__name__}")
         H, K, V = dims
         L = cache.keys.shape[1] if cache.keys.dim() == 4 else -1
-        if (  # every step: the comparisons alone, the message only where one fails
-            L >= 0
-            and cache.keys.shape == (B, L, H, K)
-            and cache.values.shape == (B, L, H, V)
-            and cache.scores.shape == cache.times.shape == (B, L)
-            and cache.length.shape == (B,)
-            and cache.times.dtype == cache.length.dtype == torch.long
-        ):
-            return
         want = {"keys": (B, L, H, K), "values": (B, L, H, V), "scores": (B, L), "times": (B, L), "length": (B,)}
         for name, shape in want.items():
             t = getattr(cache, name)
